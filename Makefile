@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make run` (the pipeline on the embedded default data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROFILE ?= cpu
+
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export GX_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run repro test test-fast lint typecheck bench clean
+
+setup: $(STAMP)
+
+# torch first, from the pinned CPU wheel, so nothing later can pull a CUDA build; then the frozen set.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/pipeline run --profile $(PROFILE)
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not e2e"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy flows tasks models
+
+bench: setup
+	$(BIN)/python benchmarks/pretrain.py
+
+clean:
+	rm -rf $(VENV) .prefect mlflow.db mlartifacts

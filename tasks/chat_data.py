@@ -1,0 +1,112 @@
+"""Conversations and preference pairs as token ids, shared by sft, reward, dpo, rlhf and evaluate.
+
+Everything here is deterministic: a fixed held-out split by a seeded permutation, batches drawn by a
+generator seeded from (seed, step, micro_step), right padding (with causal attention a pad after the
+sequence cannot leak into it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from tasks import paths
+from tasks.stage import StageError
+from tasks.tokens import ChatTokenizer
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[bool]  # True where the token is an assistant (trained) token
+
+
+@dataclass
+class Pair:
+    prompt: list[int]  # rendered prompt ending with <|assistant|>
+    chosen: list[int]  # response ids (ending with <|end|>)
+    rejected: list[int]
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/val indices; val gets at least one item when n >= 2."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, int(round(n * val_fraction)))) if n >= 2 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def read_rows(dataset: str) -> list[dict]:
+    path = paths.validated(dataset)
+    if not path.exists():
+        raise StageError(f"{path} not found; run the validate stage first")
+    return pq.read_table(path).to_pylist()
+
+
+def sft_examples(tokenizer: ChatTokenizer, seq_len: int) -> list[Example]:
+    out = []
+    for i, row in enumerate(read_rows("sft")):
+        messages = row["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise StageError(
+                f"{paths.validated('sft')} row {i}: conversation does not end with an assistant turn"
+            )
+        ids, mask = tokenizer.render_chat(messages)
+        out.append(Example(ids[: seq_len + 1], mask[: seq_len + 1]))
+    return out
+
+
+def preference_pairs(tokenizer: ChatTokenizer, seq_len: int) -> list[Pair]:
+    out = []
+    for i, row in enumerate(read_rows("preference")):
+        if not row["chosen"].strip() or not row["rejected"].strip():
+            raise StageError(f"{paths.validated('preference')} row {i}: empty chosen or rejected response")
+        if row["chosen"] == row["rejected"]:
+            raise StageError(f"{paths.validated('preference')} row {i}: chosen == rejected")
+        prompt, _ = tokenizer.render_chat(
+            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True
+        )
+        chosen = tokenizer.encode(row["chosen"]) + [tokenizer.end_id]
+        rejected = tokenizer.encode(row["rejected"]) + [tokenizer.end_id]
+        # Keep at least a quarter of the context for the responses: truncate the prompt from the left.
+        keep_prompt = max(1, seq_len - max(len(chosen), len(rejected)))
+        keep_prompt = max(keep_prompt, seq_len // 4)
+        prompt = prompt[-keep_prompt:]
+        out.append(Pair(prompt, chosen[: seq_len - len(prompt)], rejected[: seq_len - len(prompt)]))
+    return out
+
+
+def pad(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
+    """Right-pad to the longest sequence -> LongTensor [B, T]."""
+    width = max(len(s) for s in seqs)
+    value = pad_id if fill is None else fill
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def lm_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """x [B,T] inputs, y [B,T] targets with IGNORE on non-assistant and pad positions."""
+    xs = [e.ids[:-1] for e in examples]
+    ys = [[t if m else IGNORE for t, m in zip(e.ids[1:], e.mask[1:], strict=True)] for e in examples]
+    return {"x": pad(xs, pad_id), "y": pad(ys, pad_id, fill=IGNORE)}
+
+
+def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows: tokens [2B,T], response mask in label space [2B,T-1], lengths [2B]."""
+    seqs, masks = [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            response = getattr(p, side)
+            seqs.append(p.prompt + response)
+            masks.append([False] * (len(p.prompt) - 1) + [True] * len(response))
+    tokens = pad(seqs, pad_id)
+    mask = pad(masks, 0, fill=0)[:, : tokens.shape[1] - 1].float()
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return {"tokens": tokens, "mask": mask, "lengths": lengths}
+
+
+def sample(n: int, k: int, seed: int, step: int, micro_step: int) -> np.ndarray:
+    return np.random.default_rng([seed, step, micro_step]).integers(0, n, size=k)

@@ -1,0 +1,323 @@
+"""Typed configuration: one dataclass per params.yaml section, loaded strictly.
+
+`params.yaml` is the active, fully resolved configuration that DVC tracks key by key. It is made by
+`resolve_params(profile, overrides)`: dataclass defaults, then the profile overlay
+(`conf/profiles/<profile>.yaml`), then `--set key=value` overrides. Any key that is not a field is an
+error that names it, at resolution time, before any stage runs.
+
+This module stays light (no torch): the CLI resolves and checks the whole file before work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROFILES_DIR = REPO_ROOT / "conf" / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the file it came from."""
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class SourceConfig:
+    """Where a dataset comes from. kind: embedded | files | hf."""
+
+    kind: str = "embedded"
+    path: str = ""  # files: a file, a directory or a glob (txt, jsonl, json, parquet)
+    hf_id: str = ""  # hf: dataset id on the Hub, e.g. HuggingFaceFW/fineweb-edu
+    hf_config: str = ""
+    split: str = "train"
+    text_field: str = "text"  # pretrain text / sft "messages" / preference "prompt"
+    streaming: bool = True
+
+
+@dataclass
+class IngestConfig:
+    pretrain: SourceConfig = field(default_factory=SourceConfig)
+    sft: SourceConfig = field(default_factory=lambda: SourceConfig(text_field="messages"))
+    preference: SourceConfig = field(default_factory=lambda: SourceConfig(text_field="prompt"))
+    max_documents: int = 20000  # cap per dataset (0 = no cap)
+    max_bytes: int = 0  # cap on pretrain text bytes (0 = no cap)
+    min_chars: int = 32
+    max_chars: int = 20000
+    min_printable_ratio: float = 0.95
+    max_sft_examples: int = 2000
+    max_preference_pairs: int = 2000
+    seed: int = 1337
+
+
+@dataclass
+class ValidateConfig:
+    min_rows: int = 10
+    min_printable_ratio: float = 0.95
+    max_chars: int = 20000
+    fail_on_error: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    bos_token: str = "<|bos|>"
+    eos_token: str = "<|eos|>"
+    pad_token: str = "<|pad|>"
+    role_tokens: list[str] = field(
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    )
+
+
+@dataclass
+class EncodeConfig:
+    val_fraction: float = 0.05
+    seed: int = 1337
+
+
+# ----------------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """The shared training loop's knobs; every training stage has its own copy."""
+
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    zero_stage: int = 1
+    world_size: int = 1
+    bf16: bool = True
+    compile: bool = False
+    seed: int = 1337
+    log_every: int = 10
+
+
+@dataclass
+class PretrainConfig:
+    seq_len: int = 256
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SFTConfig:
+    seq_len: int = 256
+    val_fraction: float = 0.1
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=3e-4, min_lr=3e-5))
+
+
+@dataclass
+class RewardConfig:
+    seq_len: int = 256
+    val_fraction: float = 0.1
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-4, min_lr=1e-5))
+
+
+@dataclass
+class DPOConfig:
+    seq_len: int = 256
+    val_fraction: float = 0.1
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, min_lr=1e-6))
+
+
+@dataclass
+class RLHFConfig:
+    max_new_tokens: int = 32
+    rollout_batch_size: int = 8
+    ppo_epochs: int = 2
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_loss_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    temperature: float = 1.0
+    top_k: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, lr=1e-5, min_lr=1e-6))
+
+
+@dataclass
+class AlertConfig:
+    dpo_min_accuracy: float = 0.55
+    dpo_min_margin: float = 0.0
+    ppo_max_kl: float = 10.0
+    fail_on_alert: bool = False
+
+
+# --------------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvaluateConfig:
+    mmlu_dir: str = "data/mmlu"  # original CSV layout (dev/ val/ test/); or hf:cais/mmlu
+    mmlu_split: str = "val"
+    k_shot: int = 5
+    subjects: list[str] = field(default_factory=list)  # empty = every subject found
+    max_items_per_subject: int = 0  # 0 = all
+    ppl_window: int = 256
+    ppl_stride: int = 128
+    ppl_max_tokens: int = 50000
+    winrate_prompts: int = 32
+    max_new_tokens: int = 32
+
+
+@dataclass
+class RegisterConfig:
+    model_prefix: str = "pipeline"
+    champion_metric: str = "mmlu/acc"
+    max_mmlu_drop: float = 0.02
+    max_ppl_increase: float = 0.10
+
+
+@dataclass
+class Params:
+    profile: str = "cpu"
+    seed: int = 1337
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+
+# ---------------------------------------------------------------------------------- strict building
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return value coerced to tp (int -> float allowed), or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _check_value(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """'pretrain.train.max_steps=2000' -> {'pretrain': {'train': {'max_steps': 2000}}} (YAML-typed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. pretrain.train.max_steps=2000")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def resolve_params(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Defaults + conf/profiles/<profile>.yaml + overrides, strictly checked."""
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown profile {profile!r}: no {path}; available: {', '.join(list_profiles())}")
+    overlay = yaml.safe_load(path.read_text()) or {}
+    merged = deep_merge(dataclasses.asdict(Params()), overlay)
+    merged["profile"] = profile
+    for item in overrides:
+        merged = deep_merge(merged, parse_override(item))
+    try:
+        return build(Params, merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (profile {path.name} or --set)") from exc
+
+
+def dump_params(params: Params, path: Path) -> None:
+    from tasks.io import atomic_write_text
+
+    header = (
+        "# Active configuration, resolved by `pipeline run --profile P --set k=v`.\n"
+        "# DVC tracks it key by key; edit it and `dvc repro` re-runs what depends on the change.\n"
+    )
+    atomic_write_text(path, header + yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+
+
+def load_params(path: Path | None = None) -> Params:
+    path = path or Path("params.yaml")
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run `pipeline run --profile cpu` (or tiny/gpu) to create it")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return build(Params, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,152 @@
+"""Stage `pretrain`: next-token prediction on the token shards, through the shared DeepSpeed loop.
+
+Reads data/tokens/{train,val}.bin (+ index.json) and data/tokenizer/; writes data/checkpoints/base/
+(safetensors + config.json), data/metrics/pretrain.json and the loss curve data/plots/pretrain.csv.
+A killed run resumes from data/state/pretrain/ (same batches, same final weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.llama import Transformer
+from tasks import paths
+from tasks.config import Params
+from tasks.io import read_json
+from tasks.stage import StageError, stage_main
+from tasks.tokens import ChatTokenizer, TokenizerMismatch
+from tasks.training import Batch, finish_training, train
+
+log = logging.getLogger(__name__)
+
+
+def load_tokens(split: str, tokenizer: ChatTokenizer) -> np.ndarray:
+    """Memory-mapped token shard, after checking it was made with this tokenizer."""
+    index_path = paths.TOKENS / "index.json"
+    if not index_path.exists():
+        raise StageError(f"{index_path} not found; run the encode stage first")
+    index = read_json(index_path)
+    expected = index.get("tokenizer_fingerprint", "")
+    if expected != tokenizer.fingerprint:
+        raise TokenizerMismatch(
+            f"token shards in {paths.TOKENS} were made with tokenizer {expected[:12]}, but "
+            f"{tokenizer.path} is {tokenizer.fingerprint[:12]}; re-run `dvc repro encode`"
+        )
+    path = paths.TOKENS / f"{split}.bin"
+    return np.memmap(path, dtype=np.dtype(index["dtype"]), mode="r")
+
+
+class LanguageModeling:
+    """Random windows of the training shard; eval on fixed windows of the val shard."""
+
+    def __init__(
+        self,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        eval_batches: int,
+    ) -> None:
+        for name, arr in (("train", train_tokens), ("val", val_tokens)):
+            if len(arr) < seq_len + 2:
+                raise StageError(
+                    f"{name} shard has {len(arr)} tokens, fewer than seq_len+2={seq_len + 2}: "
+                    "ingest more text or lower pretrain.seq_len"
+                )
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.seq_len, self.batch_size, self.seed, self.eval_batches = seq_len, batch_size, seed, eval_batches
+        self.rank = int(os.environ.get("RANK", "0"))
+
+    def _windows(self, tokens: np.ndarray, rng: np.random.Generator) -> Batch:
+        starts = rng.integers(0, len(tokens) - self.seq_len - 1, size=self.batch_size)
+        chunk = np.stack([tokens[s : s + self.seq_len + 1].astype(np.int64) for s in starts])
+        data = torch.from_numpy(chunk)
+        return {"x": data[:, :-1], "y": data[:, 1:]}  # [B, T] each
+
+    def batch(self, step: int, micro_step: int, model: nn.Module) -> Batch:
+        return self._windows(
+            self.train_tokens, np.random.default_rng([self.seed, step, micro_step, self.rank])
+        )
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(batch["x"])  # [B, T, V]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten())
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        losses = []
+        for i in range(self.eval_batches):
+            batch = self._windows(self.val_tokens, np.random.default_rng([self.seed, 1_000_003, i]))
+            device = next(model.parameters()).device
+            logits = model(batch["x"].to(device))
+            losses.append(
+                F.cross_entropy(logits.float().flatten(0, 1), batch["y"].to(device).flatten()).item()
+            )
+        val = float(np.mean(losses))
+        return {"val/loss": val, "val/ppl": float(np.exp(val))}
+
+    def tokens_in(self, batch: Batch) -> int:
+        return int(batch["x"].numel())
+
+
+def model_config(params: Params, tokenizer: ChatTokenizer) -> ModelConfig:
+    """params.model with vocab_size fitted to the tokenizer (rounded up to a multiple of 64 for speed)."""
+    vocab = -(-tokenizer.vocab_size // 64) * 64
+    if params.pretrain.seq_len > params.model.max_seq_len:
+        raise StageError(
+            f"pretrain.seq_len={params.pretrain.seq_len} exceeds model.max_seq_len={params.model.max_seq_len}"
+        )
+    return dataclasses.replace(params.model, vocab_size=vocab)
+
+
+def run(params: Params, tracker: Any) -> dict[str, float]:
+    cfg = params.pretrain
+    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
+    train_tokens = load_tokens("train", tokenizer)
+    val_tokens = load_tokens("val", tokenizer)
+    config = model_config(params, tokenizer)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(config)
+    log.info("model: %.2fM parameters, %s", model.num_params() / 1e6, config)
+    if tracker is not None:
+        tracker.log_params({"n_params": model.num_params(), **dataclasses.asdict(config)}, prefix="model.")
+    objective = LanguageModeling(
+        train_tokens,
+        val_tokens,
+        cfg.seq_len,
+        cfg.train.micro_batch_size,
+        cfg.train.seed,
+        cfg.train.eval_batches,
+    )
+    state, metrics = train(
+        model,
+        objective,
+        cfg.train,
+        state_dir=paths.STATE / "pretrain",
+        tracker=tracker,
+        plot_csv=paths.PLOTS / "pretrain.csv",
+    )
+    return finish_training(
+        "pretrain",
+        Transformer(config),
+        state,
+        config,
+        metrics,
+        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "pretrain"},
+        out_dir=paths.checkpoint("base"),
+    )
+
+
+if __name__ == "__main__":
+    stage_main("pretrain", run)

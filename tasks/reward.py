@@ -1,0 +1,120 @@
+"""Stage `reward`: a Bradley-Terry reward model (SFT trunk + scalar head) on preference pairs.
+
+The reward of a (prompt, response) is the head's value at the last real token. Held-out metrics:
+accuracy (reward chosen > reward rejected), mean margin, reward mean and std.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.heads import ScalarHeadModel, last_token_values
+from models.llama import Transformer
+from tasks import chat_data, paths
+from tasks.config import Params
+from tasks.losses import bradley_terry_loss
+from tasks.stage import StageError, stage_main
+from tasks.tokens import ChatTokenizer
+from tasks.training import Batch, finish_training, load_stage_model, train
+
+
+def pair_rewards(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen [B] and rejected [B] halves of a pair batch."""
+    values = model(batch["tokens"])  # [2B, T]
+    rewards = last_token_values(values.float(), batch["lengths"])  # [2B]
+    half = rewards.shape[0] // 2
+    return rewards[:half], rewards[half:]
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    both = torch.cat([chosen, rejected]).detach()
+    return {
+        "accuracy": float((chosen > rejected).float().mean()),
+        "margin": float((chosen - rejected).mean()),
+        "reward_mean": float(both.mean()),
+        "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
+    }
+
+
+class PreferenceRanking:
+    def __init__(
+        self,
+        pairs: list[chat_data.Pair],
+        pad_id: int,
+        batch_size: int,
+        seed: int,
+        val_fraction: float,
+        eval_batches: int,
+    ) -> None:
+        if len(pairs) < 2:
+            raise StageError(f"{paths.validated('preference')} has {len(pairs)} pairs; need at least 2")
+        train_idx, val_idx = chat_data.split(len(pairs), val_fraction, seed)
+        self.train = [pairs[i] for i in train_idx]
+        self.val = [pairs[i] for i in val_idx]
+        self.pad_id, self.batch_size, self.seed, self.eval_batches = pad_id, batch_size, seed, eval_batches
+        self.rank = int(os.environ.get("RANK", "0"))
+
+    def batch(self, step: int, micro_step: int, model: nn.Module) -> Batch:
+        idx = chat_data.sample(len(self.train), self.batch_size, self.seed + self.rank, step, micro_step)
+        return chat_data.pair_batch([self.train[i] for i in idx], self.pad_id)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = pair_rewards(model, batch)
+        return bradley_terry_loss(chosen, rejected).mean(), reward_metrics(chosen, rejected)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        chosen, rejected = [], []
+        for start in range(0, len(self.val), self.batch_size):
+            batch = chat_data.pair_batch(self.val[start : start + self.batch_size], self.pad_id)
+            c, r = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
+            chosen.append(c)
+            rejected.append(r)
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        return {f"val/{k}": v for k, v in reward_metrics(c, r).items()} | {"val/pairs": float(len(c))}
+
+    def tokens_in(self, batch: Batch) -> int:
+        return int(batch["tokens"].numel())
+
+
+def run(params: Params, tracker: Any) -> dict[str, float]:
+    cfg = params.reward
+    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
+    sft, _ = load_stage_model("sft", tokenizer.fingerprint)
+    torch.manual_seed(cfg.train.seed)
+    model = ScalarHeadModel(sft)
+    pairs = chat_data.preference_pairs(tokenizer, min(cfg.seq_len, sft.config.max_seq_len))
+    objective = PreferenceRanking(
+        pairs,
+        tokenizer.pad_id,
+        cfg.train.micro_batch_size,
+        cfg.train.seed,
+        cfg.val_fraction,
+        cfg.train.eval_batches,
+    )
+    state, metrics = train(
+        model,
+        objective,
+        cfg.train,
+        state_dir=paths.STATE / "reward",
+        tracker=tracker,
+        plot_csv=paths.PLOTS / "reward.csv",
+    )
+    return finish_training(
+        "reward",
+        ScalarHeadModel(Transformer(sft.config)),
+        state,
+        sft.config,
+        metrics,
+        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "reward", "parent": "sft"},
+        out_dir=paths.checkpoint("reward"),
+    )
+
+
+if __name__ == "__main__":
+    stage_main("reward", run)

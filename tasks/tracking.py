@@ -1,0 +1,170 @@
+"""The one place stages talk to MLflow.
+
+A stage opens `stage_run(stage, params)`; it gets an MLflow run tagged with the stage, the profile and
+the git commit. When the Prefect flow runs the stage it passes its parent run id through the
+environment (PIPELINE_PARENT_RUN_ID), so the stage's run becomes a child of the flow's run; a stage run
+by plain `dvc repro` creates a top-level run of its own. Both entry points give the same records.
+
+The tracking URI is always absolute: MLFLOW_TRACKING_URI if set (a server URI works the same), else a
+sqlite file at the repository root, with artifacts beside it in mlartifacts/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from tasks.config import REPO_ROOT  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
+EXPERIMENT_ENV = "PIPELINE_EXPERIMENT"
+DEFAULT_EXPERIMENT = "llm-pipeline"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        raise TrackingError(
+            f"MLFLOW_TRACKING_URI={uri} is relative; use an absolute path (sqlite:////abs/x.db)"
+        )
+    return uri
+
+
+def _artifact_root() -> str | None:
+    # A server decides its own artifact root; a local store keeps artifacts beside the database.
+    uri = tracking_uri()
+    if uri.startswith("sqlite:") or uri.startswith("file:"):
+        db_dir = Path(uri.split(":///", 1)[1]).parent if uri.startswith("sqlite:") else REPO_ROOT
+        return (db_dir / "mlartifacts").as_uri()
+    return None
+
+
+def setup() -> str:
+    """Point MLflow at the tracking store, check it answers, and select the experiment. Returns its id."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    client = MlflowClient()
+    try:
+        exp = client.get_experiment_by_name(name)
+    except Exception as exc:  # an unreachable server surfaces here, before any training starts
+        raise TrackingError(f"MLflow tracking store {uri} is not reachable: {exc}") from exc
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=_artifact_root())
+        except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_info(cwd: Path | None = None) -> dict[str, str]:
+    cwd = cwd or Path.cwd()
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+class Tracker:
+    """Thin handle on the active run; every stage logs through it."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.run_id: str = run.info.run_id
+
+    def log_params(self, params: Any, prefix: str = "") -> None:
+        flat = {k: str(v)[:6000] for k, v in flatten(params, prefix).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Any = None, profile: str | None = None) -> Iterator[Tracker]:
+    """An MLflow run for one stage (a child of the flow's run when PIPELINE_PARENT_RUN_ID is set)."""
+    setup()
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    tags = {"pipeline.stage": stage, **git_info()}
+    if profile:
+        tags["pipeline.profile"] = profile
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+        tracker = Tracker(run)
+        if params is not None:
+            tracker.log_params(params)
+        yield tracker
+
+
+@contextlib.contextmanager
+def flow_run(name: str, tags: Mapping[str, Any]) -> Iterator[Tracker]:
+    """The parent run of one pipeline (flow) run; stages started inside inherit it via the environment."""
+    setup()
+    with mlflow.start_run(run_name=name, tags={**git_info(), **{k: str(v) for k, v in tags.items()}}) as run:
+        previous = os.environ.get(PARENT_RUN_ENV)
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        try:
+            yield Tracker(run)
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            else:
+                os.environ[PARENT_RUN_ENV] = previous
+
+
+def client() -> MlflowClient:
+    setup()
+    return MlflowClient()

@@ -168,3 +168,63 @@ def flow_run(name: str, tags: Mapping[str, Any]) -> Iterator[Tracker]:
 def client() -> MlflowClient:
     setup()
     return MlflowClient()
+
+
+# ----------------------------------------------------------------------------------------- registry
+SERVING_CODE = Path(__file__).with_name("serving.py")
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What does `json.dumps` do?"}]}
+
+
+def serving_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [
+        f"{pkg}=={version(pkg).split('+')[0]}"
+        for pkg in ("torch", "mlflow", "safetensors", "tokenizers", "numpy")
+    ]
+
+
+def log_chat_model(name: str, registered_name: str, checkpoint_dir: Path, tokenizer_json: Path) -> Any:
+    """Log a checkpoint as a pyfunc model-from-code (tasks/serving.py) and register a new version."""
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(
+        INPUT_EXAMPLE,
+        ["generated text"],
+        params={"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "seed": 0},
+    )
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(SERVING_CODE),
+        artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_json)},
+        code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "tasks")],
+        signature=signature,
+        input_example=INPUT_EXAMPLE,
+        pip_requirements=serving_requirements(),  # explicit: inferring them loads the model again (slow)
+        registered_model_name=registered_name,
+    )
+    return info
+
+
+def latest_version(registered_name: str, run_id: str) -> Any:
+    versions = MlflowClient().search_model_versions(f"name='{registered_name}' and run_id='{run_id}'")
+    if not versions:
+        raise TrackingError(f"no version of {registered_name} was registered by run {run_id}")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def version_by_alias(registered_name: str, alias: str) -> Any | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(registered_name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def tag_version(registered_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, str(value)[:5000])
+
+
+def set_alias(registered_name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(registered_name, alias, version)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -213,6 +214,9 @@ def train(
             log.info("step %d/%d %s", done, cfg.max_steps, _fmt(last))
             if on_step is not None:
                 on_step(done, last)
+        if os.environ.get("PIPELINE_KILL_AT_STEP") == str(done):
+            # Fault injection for the resume tests: die like `kill -9` would, with no cleanup at all.
+            os.kill(os.getpid(), signal.SIGKILL)
         if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             _save_state(engine, state_dir, done)
             metric_log.write_csv(previous_rows)

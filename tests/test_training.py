@@ -1,0 +1,137 @@
+"""The shared training loop through its stages: really trains, resumes exactly after a kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.config import TrainConfig
+from tasks.training import deepspeed_config, lr_at
+from tests.workspace import make_workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(cwd: Path, stage: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(
+        os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}", **env
+    )
+    return subprocess.run(
+        [sys.executable, "-m", f"tasks.{stage}"],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def weights_hash(path: Path) -> str:
+    from models.checkpoint import load_checkpoint, state_dict_hash
+
+    model, _ = load_checkpoint(path)
+    return state_dict_hash(model)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_zero_stage_outside_range_is_rejected():
+    with pytest.raises(ValueError, match="zero_stage=4"):
+        deepspeed_config(TrainConfig(zero_stage=4))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Pretrain then SFT, reward, DPO, PPO on the tiny workspace, each stage a real subprocess."""
+    root = tmp_path_factory.mktemp("stages")
+    make_workspace(root)
+    logs = {}
+    for stage in ("pretrain", "sft", "reward", "dpo", "rlhf"):
+        proc = run_stage(root, stage)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        logs[stage] = proc.stdout
+    return root, logs
+
+
+def curve(root: Path, stage: str) -> list[dict[str, float]]:
+    import csv
+
+    with open(root / f"data/plots/{stage}.csv") as fh:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
+
+
+def test_pretrain_and_sft_loss_go_down(trained):
+    root, _ = trained
+    for stage in ("pretrain", "sft"):
+        rows = curve(root, stage)
+        assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, (stage, rows[0]["loss"], rows[-1]["loss"])
+        assert (root / f"data/metrics/{stage}.json").exists()
+
+
+def test_reward_model_ranks_held_out_pairs(trained):
+    root, _ = trained
+    metrics = json.loads((root / "data/metrics/reward.json").read_text())
+    assert metrics["val/accuracy"] >= 0.75, metrics
+
+
+def test_dpo_raises_accuracy_and_margin(trained):
+    root, _ = trained
+    metrics = json.loads((root / "data/metrics/dpo.json").read_text())
+    assert metrics["val/rewards/accuracies"] > 0.5
+    assert metrics["val/rewards/margins"] > 0
+
+
+def test_ppo_runs_with_bounded_kl(trained):
+    root, _ = trained
+    metrics = json.loads((root / "data/metrics/rlhf.json").read_text())
+    assert abs(metrics["kl"]) < 10
+    config = json.loads((root / "data/checkpoints/rlhf/config.json").read_text())
+    assert config["kind"] == "causal_lm" and config["parent"] == "sft"
+
+
+def test_checkpoints_record_tokenizer_and_no_resume_state_left(trained):
+    root, _ = trained
+    fingerprints = {
+        json.loads((root / f"data/checkpoints/{n}/config.json").read_text())["tokenizer_fingerprint"]
+        for n in ("base", "sft", "reward", "dpo", "rlhf")
+    }
+    assert len(fingerprints) == 1
+    assert not (root / "data/state/pretrain").exists()
+
+
+def test_pretrain_resumes_after_kill_to_the_same_weights(trained, tmp_path):
+    """kill -9 at step 15 (last checkpoint at 10), rerun: same final weights as the uninterrupted run."""
+    root, _ = trained
+    make_workspace(tmp_path)
+    killed = run_stage(tmp_path, "pretrain", PIPELINE_KILL_AT_STEP="15")
+    assert killed.returncode == -9
+    assert not (tmp_path / "data/checkpoints/base").exists(), "a killed stage must not leave an output"
+    assert (tmp_path / "data/state/pretrain/latest").exists()
+    resumed = run_stage(tmp_path, "pretrain")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed from data/state/pretrain at step 10" in resumed.stdout
+    assert weights_hash(tmp_path / "data/checkpoints/base") == weights_hash(root / "data/checkpoints/base")
+    steps = [row["step"] for row in curve(tmp_path, "pretrain")]
+    assert steps == sorted(set(steps)), "the loss curve has each step once after a resume"
+
+
+def test_wrong_tokenizer_is_refused(trained, tmp_path):
+    root, _ = trained
+    make_workspace(tmp_path)
+    index = tmp_path / "data/tokens/index.json"
+    index.write_text(json.dumps({"dtype": "uint16", "tokenizer_fingerprint": "0" * 64}))
+    proc = run_stage(tmp_path, "pretrain")
+    assert proc.returncode == 1
+    assert "made with tokenizer 000000000000" in proc.stdout
+    assert not (tmp_path / "data/checkpoints/base").exists()

@@ -21,28 +21,12 @@ from models.config import ModelConfig
 from models.llama import Transformer
 from tasks import paths
 from tasks.config import Params
-from tasks.io import read_json
+from tasks.shards import check_tokens, load_shard
 from tasks.stage import StageError, stage_main
-from tasks.tokens import ChatTokenizer, TokenizerMismatch
+from tasks.tokens import ChatTokenizer
 from tasks.training import Batch, finish_training, train
 
 log = logging.getLogger(__name__)
-
-
-def load_tokens(split: str, tokenizer: ChatTokenizer) -> np.ndarray:
-    """Memory-mapped token shard, after checking it was made with this tokenizer."""
-    index_path = paths.TOKENS / "index.json"
-    if not index_path.exists():
-        raise StageError(f"{index_path} not found; run the encode stage first")
-    index = read_json(index_path)
-    expected = index.get("tokenizer_fingerprint", "")
-    if expected != tokenizer.fingerprint:
-        raise TokenizerMismatch(
-            f"token shards in {paths.TOKENS} were made with tokenizer {expected[:12]}, but "
-            f"{tokenizer.path} is {tokenizer.fingerprint[:12]}; re-run `dvc repro encode`"
-        )
-    path = paths.TOKENS / f"{split}.bin"
-    return np.memmap(path, dtype=np.dtype(index["dtype"]), mode="r")
 
 
 class LanguageModeling:
@@ -113,8 +97,8 @@ def model_config(params: Params, tokenizer: ChatTokenizer) -> ModelConfig:
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.pretrain
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    train_tokens = load_tokens("train", tokenizer)
-    val_tokens = load_tokens("val", tokenizer)
+    check_tokens(tokenizer)
+    train_tokens, val_tokens = load_shard("train"), load_shard("val")
     config = model_config(params, tokenizer)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(config)

@@ -9,6 +9,7 @@ are recorded on the version.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,18 @@ def eval_scores(name: str) -> dict[str, float]:
     return {k: float(v) for k, v in data.get("scores", {}).items() if isinstance(v, int | float)}
 
 
+def scores_from_tags(tags: dict[str, str]) -> dict[str, float]:
+    """The eval.* scores recorded on a version (the figures the champion was chosen on)."""
+    scores = {}
+    for key, value in tags.items():
+        if key.startswith("eval."):
+            try:
+                scores[key[len("eval.") :]] = float(value)
+            except ValueError:
+                continue
+    return scores
+
+
 def gate(new: dict[str, float], champion: dict[str, float], cfg: RegisterConfig) -> tuple[bool, str]:
     """Does a candidate with scores `new` replace the champion with scores `champion`?"""
     if not champion:
@@ -83,9 +96,7 @@ def register_one(name: str, params: Params, tracker: Any) -> dict[str, Any]:
     version = tracking.latest_version(registered, tracker.run_id)
     scores = eval_scores(name)
     champion = tracking.version_by_alias(registered, "champion")
-    champion_scores = {
-        k[5:]: float(v) for k, v in (champion.tags if champion else {}).items() if k.startswith("eval.")
-    }
+    champion_scores = scores_from_tags(champion.tags if champion else {})
     promote, reason = gate(scores, champion_scores, cfg)
     git = tracking.git_info()
     tags = {
@@ -100,7 +111,7 @@ def register_one(name: str, params: Params, tracker: Any) -> dict[str, Any]:
     }
     protocol = paths.EVAL / f"{name}.json"
     if protocol.exists():
-        tags["eval.protocol"] = str(read_json(protocol).get("protocol", ""))
+        tags["protocol"] = json.dumps(read_json(protocol).get("protocol", {}), sort_keys=True)
     tracking.tag_version(registered, version.version, tags)
     tracking.set_alias(registered, "candidate", version.version)
     if promote:

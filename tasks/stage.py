@@ -42,7 +42,10 @@ def stage_main(name: str, run: Callable[[Params, Any], dict[str, Any] | None]) -
         ) as tracker:
             run(params, tracker)
             tracker.log_metrics({"stage/seconds": time.time() - start})
-    except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, StageError) as exc:  # bad input: the message says what and where
         log.error("stage %s failed: %s", name, exc)
+        sys.exit(1)
+    except Exception as exc:  # anything else: the message first, then the traceback for a bug report
+        log.error("stage %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
         sys.exit(1)
     log.info("stage %s done in %.1fs", name, time.time() - start)

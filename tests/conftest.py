@@ -18,6 +18,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["HF_DATASETS_CACHE"] = str(_SESSION_DIR / "hf-datasets")
 
 
 @pytest.fixture(scope="session")

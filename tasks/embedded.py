@@ -1,0 +1,288 @@
+"""The embedded default data: the local Python installation's own text, no network, deterministic.
+
+- pretrain: standard-library source files (sorted walk, tests and site-packages skipped) cut into
+  documents at statement/paragraph boundaries, then the `pydoc_data.topics` help texts.
+- sft: questions about documented public functions, classes and methods, answered with the first
+  paragraph of their real docstring (found by parsing with `ast`; no stdlib module is imported).
+- preference: the same questions; chosen = the right paragraph, rejected = another object's paragraph
+  (from the same module where possible, so the pair is a hard negative rather than an obvious one).
+
+The same Python build gives the same rows in the same order on every run; the phrasing of questions is
+chosen by a seeded RNG.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import gc
+import os
+import random
+import re
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Directories that are not library text: third-party packages, test suites, build artifacts.
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload"}
+DOC_TARGET_CHARS = 4000  # cut a document at the next boundary once it is this long
+DOC_HARD_CHARS = 12000  # and anywhere past this, so documents stay under the default max_chars
+MIN_ANSWER_CHARS = 20
+
+QUESTIONS_FUNCTION = (
+    "What does `{qual}` do?",
+    "Explain `{call}`.",
+    "What is `{short}` in the `{module}` module used for?",
+    "Briefly describe `{qual}` from the Python standard library.",
+    "How would you summarise `{call}` in one paragraph?",
+)
+QUESTIONS_CLASS = (
+    "What is the `{qual}` class?",
+    "Explain the `{short}` class from `{module}`.",
+    "What does `{qual}` represent?",
+)
+SYSTEM_PROMPTS = (
+    "You are a concise assistant that answers questions about the Python standard library.",
+    "Answer with the relevant passage of the official Python documentation.",
+)
+SYSTEM_PROBABILITY = 0.25
+FOLLOW_UP_PROBABILITY = 0.15  # some conversations get a second user/assistant exchange
+
+_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
+
+
+@dataclass(frozen=True)
+class DocEntry:
+    module: str  # json.encoder
+    qual: str  # json.encoder.JSONEncoder.encode
+    kind: str  # function | class | method
+    args: str  # "o" (names only; self/cls dropped)
+    answer: str  # first prose paragraph of the docstring, whitespace collapsed
+
+    @property
+    def short(self) -> str:
+        return self.qual[len(self.module) + 1 :]
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """Sorted .py files of the standard library; sorted walk so the order never depends on the disk."""
+    root = root or stdlib_root()
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
+        for name in sorted(filenames):
+            # _sysconfigdata* describes this machine's build (paths, flags), not the library.
+            if name.endswith(".py") and not name.startswith("_sysconfigdata"):
+                out.append(Path(dirpath) / name)
+    return out
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _read_source(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):  # a stray non-UTF-8 file is skipped, not guessed at
+        return None
+
+
+def chunk_text(text: str, target: int = DOC_TARGET_CHARS, hard: int = DOC_HARD_CHARS) -> list[str]:
+    """Cut text into pieces of about `target` chars at a boundary: a non-blank line after a blank line
+    with at most 4 spaces of indent (a top-level or method definition in code, a paragraph in prose)."""
+    chunks: list[str] = []
+    cur: list[str] = []
+    size = 0
+    prev_blank = False
+    for line in text.splitlines(keepends=True):
+        blank = not line.strip()
+        indent = len(line) - len(line.lstrip(" "))
+        boundary = prev_blank and not blank and indent <= 4
+        if cur and ((size >= target and boundary) or size + len(line) > hard):
+            chunks.append("".join(cur))
+            cur, size = [], 0
+        cur.append(line)
+        size += len(line)
+        prev_blank = blank
+    if cur:
+        chunks.append("".join(cur))
+    return [c for c in chunks if c.strip()]
+
+
+def pretrain_documents(root: Path | None = None) -> Iterator[dict[str, str]]:
+    """{"text", "source"} rows: stdlib sources in sorted order, then pydoc topics in sorted key order."""
+    root = root or stdlib_root()
+    for path in stdlib_files(root):
+        text = _read_source(path)
+        if text is None:
+            continue
+        rel = path.relative_to(root).as_posix()
+        for i, chunk in enumerate(chunk_text(text)):
+            yield {"text": chunk, "source": f"stdlib:{rel}#{i}"}
+    from pydoc_data.topics import topics  # data only: a dict of help texts
+
+    for key in sorted(topics):
+        for i, chunk in enumerate(chunk_text(topics[key])):
+            yield {"text": chunk, "source": f"pydoc_data.topics:{key}#{i}"}
+
+
+# ------------------------------------------------------------------------------------ docstrings
+def first_paragraph(doc: str | None) -> str:
+    """First prose paragraph of a docstring with whitespace collapsed; '' if there is none."""
+    if not doc:
+        return ""
+    for para in re.split(r"\n\s*\n", doc.strip()):
+        text = " ".join(para.split())
+        if not text or _SIGNATURE_LINE.match(text):  # "dumps(obj) -> str" style lines are not prose
+            continue
+        return text if len(text) >= MIN_ANSWER_CHARS and re.search(r"[A-Za-z]{3}", text) else ""
+    return ""
+
+
+def _arg_names(args: ast.arguments, is_method: bool) -> str:
+    names = [a.arg for a in args.posonlyargs + args.args]
+    if is_method and names and names[0] in ("self", "cls"):
+        names = names[1:]
+    if args.vararg:
+        names.append("*" + args.vararg.arg)
+    elif args.kwonlyargs:
+        names.append("*")
+    names += [a.arg for a in args.kwonlyargs]
+    if args.kwarg:
+        names.append("**" + args.kwarg.arg)
+    return ", ".join(names)
+
+
+def module_entries(source: str, module: str) -> list[DocEntry]:
+    """Documented public functions, classes and methods of one module, in source order."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    out: list[DocEntry] = []
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in tree.body:
+        if isinstance(node, defs) and not node.name.startswith("_"):
+            answer = first_paragraph(ast.get_docstring(node))
+            if answer:
+                out.append(
+                    DocEntry(
+                        module, f"{module}.{node.name}", "function", _arg_names(node.args, False), answer
+                    )
+                )
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            init = next((n for n in node.body if isinstance(n, defs) and n.name == "__init__"), None)
+            answer = first_paragraph(ast.get_docstring(node))
+            if answer:
+                args = _arg_names(init.args, True) if init else ""
+                out.append(DocEntry(module, f"{module}.{node.name}", "class", args, answer))
+            for sub in node.body:
+                if isinstance(sub, defs) and not sub.name.startswith("_"):
+                    answer = first_paragraph(ast.get_docstring(sub))
+                    if answer:
+                        qual = f"{module}.{node.name}.{sub.name}"
+                        out.append(DocEntry(module, qual, "method", _arg_names(sub.args, True), answer))
+    return out
+
+
+def doc_entries(root: Path | None = None) -> tuple[DocEntry, ...]:
+    """Every documented public object of the public stdlib modules, in file order (cached: ~1 s)."""
+    return _doc_entries(Path(root or stdlib_root()))
+
+
+@functools.lru_cache(maxsize=4)
+def _doc_entries(root: Path) -> tuple[DocEntry, ...]:
+    out: list[DocEntry] = []
+    was_enabled = gc.isenabled()
+    gc.disable()  # ast trees are millions of short-lived acyclic objects: GC passes only cost time (~40%)
+    try:
+        for path in stdlib_files(root):
+            module = module_name(path, root)
+            if not module or any(part.startswith("_") for part in module.split(".")):
+                continue  # private modules (_pydecimal, __main__) are implementation, not API
+            source = _read_source(path)
+            if source is not None:
+                out.extend(module_entries(source, module))
+    finally:
+        if was_enabled:
+            gc.enable()
+    return tuple(out)
+
+
+def question(entry: DocEntry, rng: random.Random) -> str:
+    templates = QUESTIONS_CLASS if entry.kind == "class" else QUESTIONS_FUNCTION
+    template = templates[rng.randrange(len(templates))]
+    call = f"{entry.qual}({entry.args})"
+    return template.format(qual=entry.qual, call=call, short=entry.short, module=entry.module)
+
+
+def _shuffled(entries: tuple[DocEntry, ...], seed: int) -> list[DocEntry]:
+    # A shuffle so that a capped prefix covers many modules, not just the alphabetically first ones.
+    order = list(entries)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[dict]:
+    """{"messages": [...], "source"}: (system?) user question -> assistant docstring paragraph (x1-2)."""
+    entries = doc_entries(root)
+    by_module: dict[str, list[DocEntry]] = {}
+    for e in entries:
+        by_module.setdefault(e.module, []).append(e)
+    rng = random.Random(seed)
+    for entry in _shuffled(entries, seed):
+        messages: list[dict[str, str]] = []
+        if rng.random() < SYSTEM_PROBABILITY:
+            messages.append({"role": "system", "content": SYSTEM_PROMPTS[rng.randrange(len(SYSTEM_PROMPTS))]})
+        messages += [
+            {"role": "user", "content": question(entry, rng)},
+            {"role": "assistant", "content": entry.answer},
+        ]
+        source = entry.qual
+        siblings = [e for e in by_module[entry.module] if e.qual != entry.qual]
+        if siblings and rng.random() < FOLLOW_UP_PROBABILITY:
+            other = siblings[rng.randrange(len(siblings))]
+            messages += [
+                {"role": "user", "content": question(other, rng)},
+                {"role": "assistant", "content": other.answer},
+            ]
+            source += "+" + other.qual
+        yield {"messages": messages, "source": f"embedded:{source}"}
+
+
+def preference_pairs(seed: int = 1337, root: Path | None = None) -> Iterator[dict[str, str]]:
+    """{"prompt", "chosen", "rejected", "source"}; rejected is another object's (different) paragraph."""
+    entries = doc_entries(root)
+    if len(entries) < 2:
+        return
+    by_module: dict[str, list[DocEntry]] = {}
+    for e in entries:
+        by_module.setdefault(e.module, []).append(e)
+    rng = random.Random(seed + 1)  # its own stream: pairs do not mirror the SFT phrasing one to one
+    for entry in _shuffled(entries, seed + 1):
+        same_module = [e for e in by_module[entry.module] if e.answer != entry.answer]
+        if same_module:
+            other = same_module[rng.randrange(len(same_module))]
+        else:
+            other = entry
+            for _ in range(20):  # nearly every draw differs; the bound keeps this a pure loop
+                other = entries[rng.randrange(len(entries))]
+                if other.answer != entry.answer:
+                    break
+            if other.answer == entry.answer:
+                continue
+        yield {
+            "prompt": question(entry, rng),
+            "chosen": entry.answer,
+            "rejected": other.answer,
+            "source": f"embedded:{entry.qual}|{other.qual}",
+        }

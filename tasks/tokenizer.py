@@ -1,0 +1,111 @@
+"""Stage `tokenizer`: train a byte-level BPE on the validated pretrain text.
+
+ByteLevel pre-tokenizer (no prefix space) and decoder, the full 256-byte initial alphabet (so no input
+is ever out of vocabulary), special tokens first so that pad is id 0. Text is streamed from the parquet
+file in record batches; training is deterministic, so the same text gives the same tokenizer.json bytes,
+and the sha256 of those bytes is the fingerprint that token shards and checkpoints record.
+
+Writes data/tokenizer/{tokenizer.json, tokenizer_config.json, fingerprint.json}; the directory is swapped
+in whole, so `transformers.AutoTokenizer.from_pretrained("data/tokenizer")` always sees a matching set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tasks import paths
+from tasks.config import Params, TokenizerConfig
+from tasks.io import atomic_path, atomic_write_text, sha256_file, write_json
+from tasks.stage import StageError, stage_main
+from tasks.tokens import ChatTokenizer, special_tokens, write_tokenizer_config
+
+log = logging.getLogger("tasks.tokenizer")  # not __name__: under `python -m` that is "__main__"
+
+BATCH_ROWS = 1000
+
+
+def specials(cfg: TokenizerConfig) -> list[str]:
+    return special_tokens(cfg.bos_token, cfg.eos_token, cfg.pad_token, list(cfg.role_tokens))
+
+
+def check_config(cfg: TokenizerConfig) -> None:
+    n_special = len(specials(cfg))
+    if cfg.vocab_size <= 256 + n_special:
+        raise StageError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small: a byte-level BPE needs 256 byte tokens + "
+            f"{n_special} special tokens, so vocab_size must be > {256 + n_special} (e.g. 4096)"
+        )
+    if cfg.min_frequency < 1:
+        raise StageError(f"tokenizer.min_frequency={cfg.min_frequency} must be >= 1")
+    if len(set(specials(cfg))) != n_special:
+        raise StageError(f"tokenizer special tokens must be distinct, got {specials(cfg)}")
+
+
+def iter_text(path: Path, column: str = "text", batch_rows: int = BATCH_ROWS) -> Iterator[list[str]]:
+    """Batches of non-null strings from one parquet column, without loading the file."""
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
+        yield [t for t in batch.column(0).to_pylist() if t]
+
+
+def train_tokenizer(
+    batches: Iterator[list[str]], cfg: TokenizerConfig, length: int | None = None
+) -> Tokenizer:
+    check_config(cfg)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials(cfg),  # in this order: pad (id 0), bos, eos, role tokens
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(batches, trainer=trainer, length=length)
+    if tok.token_to_id(cfg.pad_token) != 0:  # the model and collators pad with id 0
+        raise StageError(f"pad token {cfg.pad_token!r} got id {tok.token_to_id(cfg.pad_token)}, expected 0")
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: Path) -> dict[str, Any]:
+    """tokenizer.json + tokenizer_config.json + fingerprint.json into out_dir; returns the fingerprint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "tokenizer.json", tok.to_str(pretty=True))
+    chat = ChatTokenizer.load(out_dir / "tokenizer.json")
+    write_tokenizer_config(out_dir, chat)
+    fingerprint = {"sha256": sha256_file(out_dir / "tokenizer.json"), "vocab_size": tok.get_vocab_size()}
+    write_json(out_dir / "fingerprint.json", fingerprint)
+    return fingerprint
+
+
+def run(params: Params, tracker: Any = None) -> dict[str, Any]:
+    cfg = params.tokenizer
+    check_config(cfg)  # before reading any data
+    source = paths.validated("pretrain")
+    if not source.exists():
+        raise StageError(f"{source} not found; run the ingest and validate stages first")
+    rows = pq.ParquetFile(source).metadata.num_rows
+    if rows == 0:
+        raise StageError(f"dataset pretrain: {source} has no rows to train the tokenizer on")
+    tok = train_tokenizer(iter_text(source), cfg, length=rows)
+    with atomic_path(paths.TOKENIZER_DIR) as tmp:
+        fingerprint = save_tokenizer(tok, tmp)
+    metrics = {"tokenizer/vocab_size": fingerprint["vocab_size"], "tokenizer/train_docs": rows}
+    write_json(paths.METRICS / "tokenizer.json", metrics)
+    log.info("tokenizer: vocab %d, fingerprint %s", fingerprint["vocab_size"], fingerprint["sha256"][:12])
+    if tracker is not None:
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"tokenizer.fingerprint": fingerprint["sha256"]})
+        tracker.log_artifacts(paths.TOKENIZER_DIR, "tokenizer")
+    return fingerprint
+
+
+if __name__ == "__main__":
+    stage_main("tokenizer", run)

@@ -1,0 +1,165 @@
+"""The whole tiny pipeline in a temp git+DVC repo: through `dvc repro`, then through the Prefect flow.
+
+Checks the outputs of every stage, that a second `dvc repro` skips everything, and the MLflow records:
+one run per stage from `dvc repro`; one parent run with 11 child runs from the flow; registered models
+with aliases and lineage tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = [
+    "ingest",
+    "validate",
+    "tokenizer",
+    "encode",
+    "pretrain",
+    "sft",
+    "reward",
+    "dpo",
+    "rlhf",
+    "evaluate",
+    "register",
+]
+MODELS = ["base", "sft", "reward", "dpo", "rlhf"]
+
+pytestmark = pytest.mark.e2e
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def project_env(root: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        PYTHONUNBUFFERED="1",
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    root.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for item in ("flows", "tasks", "models", "conf", "data/mmlu"):
+        shutil.copytree(REPO / item, root / item, ignore=ignore)
+    for item in ("dvc.yaml", "pyproject.toml", ".gitignore"):
+        shutil.copy(REPO / item, root / item)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    sh(["git", "init", "-q"], root)
+    sh(["dvc", "init", "-q"], root)
+    sh(["dvc", "config", "core.analytics", "false"], root)
+    sh([sys.executable, "-m", "flows.cli", "params", "--profile", "tiny"], root)
+    sh(["git", "add", "-A"], root)
+    sh([*git, "commit", "-qm", "tiny project"], root)
+    return root
+
+
+def mlflow_client(root: Path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def stage_runs(client) -> list:
+    exp = client.get_experiment_by_name("llm-pipeline")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_dvc_repro_runs_every_stage_then_skips_them(project):
+    start = time.time()
+    sh(["dvc", "repro"], project)
+    first = time.time() - start
+    for path in (
+        "data/raw/pretrain.parquet",
+        "data/validated/sft.parquet",
+        "data/reports/validation",
+        "data/tokenizer/tokenizer.json",
+        "data/tokens/train.bin",
+        "data/eval",
+        "data/registry/registered.json",
+        *[f"data/checkpoints/{m}/model.safetensors" for m in MODELS],
+    ):
+        assert (project / path).exists(), path
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert sorted(lock) == sorted(STAGES)
+
+    start = time.time()
+    again = sh(["dvc", "repro"], project)
+    second = time.time() - start
+    assert "Data and pipelines are up to date." in again.stdout, again.stdout
+    print(f"\ndvc repro tiny: first {first:.1f}s, no-op {second:.2f}s")
+
+    dag = sh(["dvc", "dag"], project).stdout
+    assert all(stage in dag for stage in STAGES)
+    metrics = sh(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "val/loss" in metrics and "mmlu" in metrics
+
+    client = mlflow_client(project)
+    runs = stage_runs(client)
+    assert sorted(r.data.tags["pipeline.stage"] for r in runs) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for model in MODELS:
+        version = client.get_model_version_by_alias(f"pipeline-{model}", "champion")
+        assert version.tags["tokenizer_fingerprint"]
+        assert version.tags["git.commit"] != "unknown"
+
+
+def test_prefect_flow_runs_each_stage_as_a_task_and_child_run(project, prefect_harness, monkeypatch):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import pipeline
+
+    for key, value in project_env(project).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(project)
+    state = pipeline(profile="tiny", force=True, return_state=True)
+    assert state.is_completed(), state
+    results = state.result()
+    assert list(results) == STAGES and set(results.values()) == {"ran"}
+
+    client = mlflow_client(project)
+    runs = stage_runs(client)
+    parents = [r for r in runs if r.data.tags.get("pipeline.flow") == "prefect"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["pipeline.stage"] for r in children) == sorted(STAGES)
+    for model in MODELS:
+        versions = client.search_model_versions(f"name='pipeline-{model}'")
+        assert len(versions) == 2  # one from dvc repro, one from the flow
+        assert str(client.get_model_version_by_alias(f"pipeline-{model}", "candidate").version) == "2"
+        latest = client.get_model_version(f"pipeline-{model}", "2")
+        assert latest.tags["champion.decision"]
+
+    import anyio
+
+    async def task_runs():
+        async with get_client() as prefect:
+            flow_run_id = state.state_details.flow_run_id
+            return await prefect.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
+    names = sorted(t.name for t in anyio.run(task_runs))
+    assert names == sorted(STAGES)
+    registered = json.loads((project / "data/registry/registered.json").read_text())
+    assert sorted(registered) == sorted(MODELS)

@@ -1,0 +1,423 @@
+"""Evaluation: MMLU parity with a direct transformers implementation of the harness prompt, scoring sanity,
+rolling-window perplexity, bad-input errors, and the evaluate stage end to end (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.checkpoint import save_checkpoint
+from models.config import ModelConfig
+from models.heads import ScalarHeadModel
+from models.llama import Transformer
+from tasks import mmlu, perplexity
+from tasks.tokens import ChatTokenizer
+
+MMLU_DIR = Path(__file__).resolve().parents[2] / "shared" / "mmlu"
+SUBJECTS = ["abstract_algebra", "anatomy", "world_religions"]
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+needs_mmlu = pytest.mark.skipif(not (MMLU_DIR / "val").is_dir(), reason=f"no MMLU data at {MMLU_DIR}")
+
+
+def train_tokenizer(path: Path, vocab_size: int) -> ChatTokenizer:
+    """Byte-level BPE on the MMLU dev text; vocab_size 263 (alphabet + specials) means no merges at all."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+
+    texts = [p.read_text() for p in sorted((MMLU_DIR / "dev").glob("*.csv"))] or ["Answer: A B C D " * 50]
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return ChatTokenizer.load(path)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> ChatTokenizer:
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", 1000)
+
+
+def tiny_model(vocab: int, max_len: int, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(
+        ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=max_len)
+    )
+    with torch.no_grad():  # sharper than the 0.02 init, so choices do not nearly tie
+        model.embed.weight.mul_(20)
+    return model.eval()
+
+
+def hf_twin(model: Transformer, tok: ChatTokenizer, out: Path):
+    from transformers import LlamaForCausalLM
+
+    from models.hf import export_hf
+
+    export_hf(model, out, tok.path, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def reference_prompt(item: mmlu.MMLUItem, shots: list[mmlu.MMLUItem]) -> str:
+    """The harness prompt, written out independently of tasks.mmlu."""
+
+    def block(it):
+        a, b, c, d = it.choices
+        return f"{it.question.strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
+
+    subject = item.subject.replace("_", " ")
+    text = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    text += "".join(f"{block(s)} {'ABCD'[s.answer]}\n\n" for s in shots)
+    return text + block(item)
+
+
+def reference_loglikelihoods(hf, tok, item, shots, max_len) -> list[float]:
+    """One item at a time, one full forward per choice, harness left truncation."""
+    ctx = [tok.bos_id] + tok.encode(reference_prompt(item, shots))
+    out = []
+    for letter in "ABCD":
+        cont = tok.encode(" " + letter)
+        whole = (ctx + cont)[-(max_len + 1) :]
+        inp = whole[:-1]
+        with torch.no_grad():
+            logp = hf(torch.tensor([inp])).logits[0].float().log_softmax(-1)
+        first = len(inp) - len(cont)
+        out.append(sum(logp[first + k, t].item() for k, t in enumerate(cont)))
+    return out
+
+
+def check_parity(model, hf, tok, data, max_len, monkeypatch) -> dict:
+    expanded = []  # the shared few-shot prefix cache must really be used, not silently bypassed
+    real = mmlu._expand_cache
+    monkeypatch.setattr(mmlu, "_expand_cache", lambda *a: expanded.append(a[1].pos) or real(*a))
+    ours = mmlu.score_items(model, tok, data.items, data.k_shot, 4, "cpu", shots=data.shots)
+    assert expanded and min(expanded) >= mmlu.MIN_SHARED_PREFIX
+    ref = [reference_loglikelihoods(hf, tok, it, data.shots[it.subject], max_len) for it in data.items]
+    diff = np.abs(np.array(ours["loglikelihoods"]) - np.array(ref)).max()
+    assert diff < 1e-4, diff
+    assert ours["predictions"] == [int(np.argmax(r)) for r in ref]
+    assert ours["acc"] == mmlu.accuracy(data.items, ref)["acc"]
+    return ours
+
+
+# ------------------------------------------------------------------------------------------- parity
+@needs_mmlu
+def test_parity_single_token_choices_with_shared_prefix(bpe, tmp_path, monkeypatch):
+    data = mmlu.load_mmlu(str(MMLU_DIR), "val", SUBJECTS, k_shot=5, max_items_per_subject=10)
+    assert all(len(bpe.encode(c)) == 1 for c in mmlu.PROTOCOL["choices"])  # the one-forward path
+    it = data.items[0]
+    assert mmlu.harness_prompt(it, data.shots[it.subject])[0] == reference_prompt(it, data.shots[it.subject])
+    model = tiny_model(1024, 2048)
+    res = check_parity(model, hf_twin(model, bpe, tmp_path / "hf"), bpe, data, 2048, monkeypatch)
+    assert res["n_truncated"] == 0 and res["n_items"] == len(data.items) == 30
+    assert set(res["per_subject"]) == set(SUBJECTS)
+    assert res["per_category"]["stem"]["n"] == 20 and res["per_category"]["humanities"]["n"] == 10
+
+
+@needs_mmlu
+def test_parity_multi_token_choices_with_truncation(tmp_path, monkeypatch):
+    tok = train_tokenizer(tmp_path / "bytes.json", 263)  # bytes only: " A" is two tokens
+    assert len(tok.encode(" A")) == 2
+    data = mmlu.load_mmlu(str(MMLU_DIR), "val", SUBJECTS[:2], k_shot=1, max_items_per_subject=6)
+    model = tiny_model(320, 400, seed=1)
+    res = check_parity(model, hf_twin(model, tok, tmp_path / "hf"), tok, data, 400, monkeypatch)
+    assert 0 < res["n_truncated"] < res["n_items"]  # both the cached and the truncated route ran
+
+
+# ------------------------------------------------------------------------------------------- sanity
+class LetterModel(nn.Module):
+    """Stand-in LM (no KV cache): at every position, prefers the letter that `pick(text)` returns."""
+
+    def __init__(self, tok, pick, vocab=1024, max_len=4096):
+        super().__init__()
+        self.tok, self.pick = tok, pick
+        self.ids = {c: tok.encode(" " + c)[0] for c in "ABCD"}
+        self.config = SimpleNamespace(vocab_size=vocab, max_seq_len=max_len)
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.config.vocab_size)
+        for b, row in enumerate(tokens.tolist()):
+            logits[b, :, self.ids[self.pick(self.tok.decode(row))]] = 5.0  # decode drops <|pad|>
+        return logits
+
+
+def shuffled(items, seed):
+    rng, out = random.Random(seed), []
+    for it in items:
+        order = list(range(4))
+        rng.shuffle(order)
+        choices = tuple(it.choices[i] for i in order)
+        out.append(dataclasses.replace(it, choices=choices, answer=order.index(it.answer)))
+    return out
+
+
+@needs_mmlu
+def test_always_a_scores_share_of_a_and_oracle_ignores_letter_order(bpe):
+    data = mmlu.load_mmlu(str(MMLU_DIR), "val", SUBJECTS, k_shot=2, max_items_per_subject=10)
+    always_a = LetterModel(bpe, lambda text: "A")
+    for items in (data.items, shuffled(data.items, 0)):
+        share = sum(it.answer == 0 for it in items) / len(items)
+        assert mmlu.score_items(always_a, bpe, items, 2, 8, shots=data.shots)["acc"] == share
+
+    def oracle_for(items):
+        truth = {it.question.strip(): it.choices[it.answer] for it in items}
+
+        def pick(text):  # the last target question in the prompt, and the letter its true answer sits at
+            q = max(truth, key=text.rfind)
+            tail = text[text.rfind(q) :]
+            return next(c for c in "ABCD" if f"\n{c}. {truth[q]}\n" in tail)
+
+        return LetterModel(bpe, pick)
+
+    results = []
+    for seed, items in enumerate((data.items, shuffled(data.items, 1), shuffled(data.items, 2))):
+        res = mmlu.score_items(oracle_for(items), bpe, items, 2, 8, shots=data.shots)
+        results.append(res)
+        assert res["acc"] == 1.0, seed
+    assert results[0]["per_subject"] == results[1]["per_subject"] == results[2]["per_subject"]
+    assert results[0]["predictions"] != results[1]["predictions"]  # the letters really moved
+
+
+def test_categories_cover_the_57_subjects_in_harness_groups():
+    assert len(mmlu.CATEGORIES) == 57
+    counts = {c: list(mmlu.CATEGORIES.values()).count(c) for c in set(mmlu.CATEGORIES.values())}
+    assert counts == {"stem": 19, "humanities": 13, "social_sciences": 12, "other": 13}
+    if (MMLU_DIR / "val").is_dir():
+        assert mmlu.list_subjects(str(MMLU_DIR), "val") == list(mmlu.SUBJECTS)
+
+
+def test_protocol_is_recorded_with_k_split_and_bos():
+    p = mmlu.protocol(5, "test", prepend_bos=False)
+    assert (p["k_shot"], p["split"], p["prepend_bos"]) == (5, "test", False)
+    assert mmlu.PROTOCOL["prepend_bos"] is True and p["choices"] == [" A", " B", " C", " D"]
+    json.dumps(p)
+
+
+# ------------------------------------------------------------------------------------------- loaders
+def write_csv(path: Path, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+ROWS = [["What is 1+1?", "1", "2", "3", "4", "B"], ["Pick C", "a", "b", "c", "d", "C"]]
+
+
+def test_hf_loader_matches_csv_via_local_parquet(tmp_path):
+    import datasets
+
+    for split in ("dev", "val"):
+        write_csv(tmp_path / "csv" / split / f"toy_{split}.csv", ROWS)
+        datasets.Dataset.from_dict(
+            {
+                "question": [r[0] for r in ROWS],
+                "subject": ["toy"] * 2,
+                "choices": [r[1:5] for r in ROWS],
+                "answer": ["ABCD".index(r[5]) for r in ROWS],
+            }
+        ).to_parquet(str(tmp_path / "pq" / f"toy_{split}.parquet"))
+    from_csv = mmlu.load_mmlu(str(tmp_path / "csv"), "val", ["toy"], k_shot=1)
+    from_hf = mmlu.load_mmlu(
+        "hf:cais/mmlu",
+        "val",
+        ["toy"],
+        k_shot=1,
+        hf_path="parquet",
+        hf_data_files=str(tmp_path / "pq" / "{subject}_{split}.parquet"),
+    )
+    strip = [dataclasses.replace(i, where="") for i in from_csv.items]
+    assert strip == [dataclasses.replace(i, where="") for i in from_hf.items]
+    assert from_csv.data_hash == from_hf.data_hash and from_hf.items[1].answer == 2
+
+    datasets.Dataset.from_dict(
+        {"question": ["q"], "choices": [["a", "b", "c", "d"]], "answer": [7]}
+    ).to_parquet(str(tmp_path / "pq" / "bad_val.parquet"))
+    with pytest.raises(mmlu.MMLUDataError, match=r"bad_val\.parquet row 0: answer 7"):
+        mmlu.load_split(
+            "hf:x",
+            "bad",
+            "val",
+            hf_path="parquet",
+            hf_data_files=str(tmp_path / "pq/{subject}_{split}.parquet"),
+        )
+
+
+def test_bad_csv_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "val" / "toy_val.csv"
+    write_csv(path, [["multi\nline question", "a", "b", "c", "d", "A"], ["short", "a", "b", "c", "D"]])
+    with pytest.raises(mmlu.MMLUDataError, match=rf"{path}:3: expected 6 columns .* got 5"):
+        mmlu.load_split(str(tmp_path), "toy", "val")
+    write_csv(path, ROWS + [["q", "a", "b", "c", "d", "E"]])
+    with pytest.raises(mmlu.MMLUDataError, match=rf"{path}:3: answer 'E' is not one of A, B, C, D"):
+        mmlu.load_split(str(tmp_path), "toy", "val")
+    with pytest.raises(mmlu.MMLUDataError, match=r"subject 'nope' not found: no .*nope_val\.csv.*toy"):
+        mmlu.load_split(str(tmp_path), "nope", "val")
+    path.write_text("")
+    with pytest.raises(mmlu.MMLUDataError, match=rf"{path}: empty split"):
+        mmlu.load_split(str(tmp_path), "toy", "val")
+    write_csv(path, ROWS)
+    with pytest.raises(mmlu.MMLUDataError, match=r"dev"):  # k-shot needs the dev file too
+        mmlu.load_mmlu(str(tmp_path), "val", ["toy"], k_shot=1)
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+class Uniform(nn.Module):
+    def __init__(self, vocab=1024, max_len=64):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab, max_seq_len=max_len)
+
+    def forward(self, tokens):
+        return torch.zeros(*tokens.shape, self.config.vocab_size)
+
+
+def test_rolling_windows_score_every_token_once_with_enough_context():
+    for n in range(0, 40):
+        for window in range(1, 9):
+            for stride in range(1, window + 1):
+                seen = []
+                for w in perplexity.rolling_windows(n, window, stride):
+                    assert 0 < w.end - w.start <= window and 0 < w.n_scored <= w.end - w.start
+                    for j in range(w.end - w.n_scored + 1, w.end + 1):
+                        assert j - w.start >= min(j, window - stride + 1)  # left context of target j
+                        seen.append(j)
+                assert seen == list(range(1, n)), (n, window, stride)
+
+
+def test_uniform_model_perplexity_is_vocab_size(bpe):
+    text = (
+        (MMLU_DIR / "dev" / "anatomy_dev.csv").read_text() if MMLU_DIR.is_dir() else "some words here " * 40
+    )
+    res = perplexity.text_perplexity(Uniform(), bpe, text, window=32, stride=16)
+    assert res["tokens"] == len(bpe.encode(text))
+    assert abs(res["ppl"] / 1024 - 1) < 1e-3
+    assert math.isclose(
+        res["bpb"], res["tokens"] * math.log(1024) / math.log(2) / len(text.encode()), rel_tol=1e-6
+    )
+    assert math.isclose(
+        res["word_ppl"], math.exp(res["tokens"] * math.log(1024) / len(text.split())), rel_tol=1e-6
+    )
+
+
+def test_rolling_nll_matches_token_by_token_and_shard_reader(bpe, tmp_path):
+    model = tiny_model(1024, 64, seed=3)
+    seq = [bpe.bos_id] + bpe.encode("def f(x):\n    return x * 2  # doubles the value of x, twice over")[:40]
+    window = 8
+    brute = 0.0
+    for j in range(1, len(seq)):
+        ctx = seq[max(0, j - window) : j]
+        with torch.no_grad():
+            brute -= model(torch.tensor([ctx]))[0, -1].log_softmax(-1)[seq[j]].item()
+    nll, n = perplexity.rolling_nll(model, seq, window, stride=1, batch_size=3)
+    assert n == len(seq) - 1 and abs(nll - brute) < 1e-3
+    full, _ = perplexity.rolling_nll(model, seq, 64, 64)
+    halves, n2 = perplexity.rolling_nll(model, seq, 64, 32)
+    assert n2 == n and abs(full - halves) < 1e-3  # one window covers it all either way
+
+    np.array(seq, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "index.json").write_text(
+        json.dumps({"dtype": "uint16", "tokenizer_fingerprint": bpe.fingerprint})
+    )
+    res = perplexity.shard_perplexity(model, bpe, tmp_path / "val.bin", window, 4, max_tokens=20)
+    ref, _ = perplexity.rolling_nll(model, seq[:20], window, 4)
+    assert res["tokens"] == 19 and abs(res["nll"] - ref) < 1e-4
+    assert res["bytes"] == len(bpe.decode(seq[1:20]).encode())
+
+
+# ------------------------------------------------------------------------------------------- the stage
+class Recorder:
+    def __init__(self):
+        self.metrics, self.artifacts = {}, []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(Path(path).name)
+
+
+def make_workspace(root: Path, tok: ChatTokenizer, vocab: int = 1024) -> None:
+    (root / "data/tokenizer").mkdir(parents=True)
+    (root / "data/tokenizer/tokenizer.json").write_bytes(tok.path.read_bytes())
+    ids = [tok.bos_id] + tok.encode("The cat sat on the mat. " * 30) + [tok.eos_id]
+    (root / "data/tokens").mkdir(parents=True)
+    np.array(ids, dtype=np.uint16).tofile(root / "data/tokens/val.bin")
+    index = {
+        "dtype": "uint16",
+        "tokenizer_fingerprint": tok.fingerprint,
+        "val_tokens": len(ids),
+        "train_tokens": 0,
+    }
+    (root / "data/tokens/index.json").write_text(json.dumps(index))
+    meta = {"tokenizer_fingerprint": tok.fingerprint}
+    for i, name in enumerate(("base", "sft")):
+        m = tiny_model(vocab, 512, seed=10 + i)
+        save_checkpoint(root / "data/checkpoints" / name, m, m.config, meta={**meta, "stage": name})
+    reward = ScalarHeadModel(tiny_model(vocab, 512))
+    save_checkpoint(root / "data/checkpoints/reward", reward, reward.config, meta=meta)
+
+
+@needs_mmlu
+def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, monkeypatch):
+    from tasks import evaluate
+    from tasks.config import EvaluateConfig, Params
+    from tasks.io import read_json
+
+    make_workspace(tmp_path, bpe)
+    monkeypatch.chdir(tmp_path)
+    params = Params(
+        evaluate=EvaluateConfig(
+            mmlu_dir=str(MMLU_DIR),
+            subjects=SUBJECTS[:2],
+            k_shot=2,
+            max_items_per_subject=4,
+            ppl_window=32,
+            ppl_stride=16,
+        )
+    )
+    tracker = Recorder()
+    summary = evaluate.run(params, tracker)
+    assert {k.split("/")[0] for k in summary} == {"base", "sft"}  # the reward model is not an LM
+    assert {"base/mmlu_acc", "base/ppl", "base/bpb", "sft/mmlu_acc_stem"} <= set(summary)
+    assert read_json(Path("data/eval/summary.json")) == pytest.approx(summary) and tracker.metrics == summary
+    base = read_json(Path("data/eval/base.json"))
+    assert base["mmlu"]["n_items"] == 8 and base["mmlu"]["k_shot"] == 2 and base["mmlu"]["split"] == "val"
+    assert base["protocol"]["mmlu"]["prepend_bos"] is True and len(base["mmlu"]["data_hash"]) == 64
+    assert (
+        base["scores"]["mmlu/acc"] == summary["base/mmlu_acc"]
+        and base["scores"]["ppl/val"] == summary["base/ppl"]
+    )
+    assert base["tokenizer_fingerprint"] == bpe.fingerprint and "n_truncated" in base["mmlu"]
+    assert "| sft |" in Path("data/eval/comparison.md").read_text()
+    assert Path("data/eval/comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"summary.json", "comparison.md", "comparison.png", "base.json"} <= set(tracker.artifacts)
+
+
+def test_vocab_smaller_than_tokenizer_is_a_clear_error(bpe, tmp_path, monkeypatch):
+    from tasks import evaluate
+    from tasks.config import Params
+    from tasks.stage import StageError
+
+    with pytest.raises(
+        StageError, match=r"ckpt/x: model vocab_size 512 is smaller than the tokenizer's 1000"
+    ):
+        evaluate.check_vocab(512, bpe, "ckpt/x")
+    make_workspace(tmp_path, bpe, vocab=512)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match=r"data/checkpoints/base: model vocab_size 512"):
+        evaluate.run(Params(), None)

@@ -23,7 +23,7 @@ from tasks.config import dump_params, load_params, resolve_params
 
 def _paths(entries: list[Any]) -> list[str]:
     """dvc.yaml lists entries as plain paths or {path: options}."""
-    out = []
+    out: list[Any] = []
     for entry in entries or []:
         out.extend(entry.keys() if isinstance(entry, dict) else [entry])
     return [str(p).rstrip("/") for p in out]

@@ -7,6 +7,7 @@ sequence cannot leak into it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,11 +81,11 @@ def preference_pairs(tokenizer: ChatTokenizer, seq_len: int) -> list[Pair]:
     return out
 
 
-def pad(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, fill: int | None = None) -> torch.Tensor:
     """Right-pad to the longest sequence -> LongTensor [B, T]."""
     width = max(len(s) for s in seqs)
     value = pad_id if fill is None else fill
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
 def lm_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -210,7 +210,7 @@ class Params:
 def _check_value(value: Any, tp: Any, where: str) -> Any:
     """Return value coerced to tp (int -> float allowed), or raise ConfigError naming `where`."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return build(tp, value, where)

@@ -21,7 +21,7 @@ from tasks.config import DPOConfig, Params
 from tasks.losses import dpo_loss, sequence_logps
 from tasks.stage import StageError, stage_main
 from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_stage_model, train
+from tasks.training import Batch, finish_training, load_causal_lm, train
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ def raise_or_tag(found: list[str], params: Params, tracker: Any) -> list[str]:
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.dpo
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    policy, meta = load_stage_model("sft", tokenizer.fingerprint)
-    reference, _ = load_stage_model("sft", tokenizer.fingerprint)
+    policy, meta = load_causal_lm("sft", tokenizer.fingerprint)
+    reference, _ = load_causal_lm("sft", tokenizer.fingerprint)
     reference.requires_grad_(False)
     pairs = chat_data.preference_pairs(tokenizer, min(cfg.seq_len, policy.config.max_seq_len))
     key = f"{tokenizer.fingerprint}:{meta.get('metrics')}:{len(pairs)}:{cfg.seq_len}"

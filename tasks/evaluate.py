@@ -59,6 +59,7 @@ def load_lm(path: Path, tokenizer: ChatTokenizer) -> tuple[torch.nn.Module, dict
     """The causal LM in a checkpoint (the policy of a policy+value checkpoint), in float32 eval mode."""
     from models.checkpoint import load_checkpoint
 
+    model: Any
     model, meta = load_checkpoint(path)
     if meta.get("kind") == "scalar_head":
         raise StageError(f"{path} is a reward (scalar head) checkpoint, not a language model")
@@ -178,7 +179,7 @@ def comparison_markdown(results: dict[str, dict[str, Any]], header: str = "") ->
         }
         vals = {n: v for n, v in vals.items() if not math.isnan(v)}
         if len(vals) > 1:
-            best[k] = (min if k in LOWER_IS_BETTER else max)(vals, key=vals.get)
+            best[k] = (min if k in LOWER_IS_BETTER else max)(vals, key=lambda n: vals[n])
     lines = [header] if header else []
     lines += ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, res in results.items():

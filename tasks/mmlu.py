@@ -164,7 +164,9 @@ def _csv_rows(path: Path, subject: str) -> list[MMLUItem]:
             answer = row[5].strip()
             if answer not in LETTERS:
                 raise MMLUDataError(f"{where}: answer {answer!r} is not one of A, B, C, D")
-            items.append(MMLUItem(subject, row[0], tuple(row[1:5]), LETTERS.index(answer), where))
+            items.append(
+                MMLUItem(subject, row[0], (row[1], row[2], row[3], row[4]), LETTERS.index(answer), where)
+            )
     if not items:
         raise MMLUDataError(f"{path}: empty split (no rows)")
     return items
@@ -196,7 +198,13 @@ def _hf_rows(hf_path: str, subject: str, split: str, data_files: str | None) -> 
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < 4:
             raise MMLUDataError(f"{where} row {i}: answer {answer!r} is not one of 0-3 (A-D)")
         items.append(
-            MMLUItem(subject, str(row["question"]), tuple(map(str, choices)), answer, f"{where}#{i}")
+            MMLUItem(
+                subject,
+                str(row["question"]),
+                (str(choices[0]), str(choices[1]), str(choices[2]), str(choices[3])),
+                answer,
+                f"{where}#{i}",
+            )
         )
     if not items:
         raise MMLUDataError(f"{where}: empty split (no rows)")
@@ -374,7 +382,7 @@ def score_items(
     """
     import torch
 
-    from tasks.perplexity import logits_at
+    from tasks.perplexity import logits_at, logits_checked
 
     shots = shots or {}
     if k_shot > 0 and any(len(shots.get(it.subject, ())) < k_shot for it in items):
@@ -429,7 +437,9 @@ def score_items(
                     cache = _expand_cache(model, prefix_cache, len(batch), p + width, device) if p else None
                     targets = [[t for tr in r.targets for t in tr[2]] for r in batch]
                     target = torch.tensor([x + [0] * (n - len(x)) for x in targets], device=device)
-                    logp = torch.log_softmax(logits_at(model, tokens.to(device), index, cache).float(), -1)
+                    logp = torch.log_softmax(
+                        logits_checked(model, tokens.to(device), index, cache).float(), -1
+                    )
                     picked = logp.gather(-1, target[..., None])[..., 0].cpu().tolist()  # one sync per batch
                     for b, r in enumerate(batch):
                         j = 0
@@ -442,9 +452,14 @@ def score_items(
     return {**accuracy(items, lls), "n_truncated": n_truncated, "max_seq_len": max_len}
 
 
+def _argmax_first(values: Sequence[float]) -> int:
+    """Index of the largest value, the first one on ties (as numpy's argmax in the harness)."""
+    return max(range(len(values)), key=lambda c: (values[c], -c))
+
+
 def accuracy(items: Sequence[MMLUItem], loglikelihoods: Sequence[Sequence[float]]) -> dict[str, Any]:
     """Predictions (argmax, the first on ties as numpy's argmax in the harness) and accuracies."""
-    preds = [max(range(len(ll)), key=lambda c, ll=ll: (ll[c], -c)) for ll in loglikelihoods]
+    preds = [_argmax_first(ll) for ll in loglikelihoods]
     by_subject: dict[str, list[int]] = defaultdict(list)
     by_category: dict[str, list[int]] = defaultdict(list)
     for it, pred in zip(items, preds, strict=True):

@@ -23,6 +23,12 @@ import numpy as np
 import torch
 
 
+def logits_checked(model: Any, tokens: torch.Tensor, index: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    logits = logits_at(model, tokens, index, cache)
+    assert logits is not None  # an index was given
+    return logits
+
+
 def logits_at(
     model: Any, tokens: torch.Tensor, index: torch.Tensor | None, cache: Any = None
 ) -> torch.Tensor | None:
@@ -98,7 +104,7 @@ def rolling_nll(
                     targets = torch.from_numpy(np.stack([seq[w.end - n + 1 : w.end + 1] for w in batch])).to(
                         device
                     )
-                    logp = torch.log_softmax(logits_at(model, tokens, index).float(), dim=-1)
+                    logp = torch.log_softmax(logits_checked(model, tokens, index).float(), dim=-1)
                     nll = -logp.gather(-1, targets[..., None])[..., 0]  # [B, n]
                     keep = (
                         torch.arange(n, device=device)[None, :]

@@ -19,7 +19,7 @@ from tasks.config import Params
 from tasks.losses import bradley_terry_loss
 from tasks.stage import StageError, stage_main
 from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_stage_model, train
+from tasks.training import Batch, finish_training, load_causal_lm, train
 
 
 def pair_rewards(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ class PreferenceRanking:
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.reward
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    sft, _ = load_stage_model("sft", tokenizer.fingerprint)
+    sft, _ = load_causal_lm("sft", tokenizer.fingerprint)
     torch.manual_seed(cfg.train.seed)
     model = ScalarHeadModel(sft)
     pairs = chat_data.preference_pairs(tokenizer, min(cfg.seq_len, sft.config.max_seq_len))

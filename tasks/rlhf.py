@@ -25,7 +25,7 @@ from tasks.dpo import raise_or_tag
 from tasks.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
 from tasks.stage import StageError, stage_main
 from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_stage_model, train
+from tasks.training import Batch, finish_training, load_causal_lm, load_stage_model, train
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ def load_prompts(tokenizer: ChatTokenizer, cfg: RLHFConfig, max_seq_len: int) ->
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.rlhf
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    sft, _ = load_stage_model("sft", tokenizer.fingerprint)
-    reference, _ = load_stage_model("sft", tokenizer.fingerprint)
+    sft, _ = load_causal_lm("sft", tokenizer.fingerprint)
+    reference, _ = load_causal_lm("sft", tokenizer.fingerprint)
     reward_model, _ = load_stage_model("reward", tokenizer.fingerprint, kind="scalar_head")
     if reference.config != reward_model.config:
         raise StageError(

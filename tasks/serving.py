@@ -29,7 +29,7 @@ def _conversations(model_input: Any) -> list[list[dict[str, str]]]:
         raise ValueError("input must be a record or a list of records with a 'messages' field")
     out = []
     for i, record in enumerate(model_input):
-        messages = record.get("messages") if isinstance(record, dict) else None
+        messages: Any = record.get("messages") if isinstance(record, dict) else None
         if hasattr(messages, "tolist"):
             messages = messages.tolist()
         if not isinstance(messages, list) or not messages:
@@ -47,6 +47,7 @@ class ChatModel(PythonModel):
         from models.checkpoint import load_checkpoint
         from tasks.tokens import ChatTokenizer
 
+        self.model: Any
         self.model, self.meta = load_checkpoint(Path(context.artifacts["checkpoint"]))
         self.tokenizer = ChatTokenizer.load(Path(context.artifacts["tokenizer"]))
         if self.meta.get("tokenizer_fingerprint") not in (None, self.tokenizer.fingerprint):

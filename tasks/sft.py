@@ -19,7 +19,7 @@ from tasks import chat_data, paths
 from tasks.config import Params
 from tasks.stage import StageError, stage_main
 from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_stage_model, train
+from tasks.training import Batch, finish_training, load_causal_lm, train
 
 
 class SupervisedChat:
@@ -73,7 +73,7 @@ class SupervisedChat:
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.sft
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    model, _ = load_stage_model("base", tokenizer.fingerprint)
+    model, _ = load_causal_lm("base", tokenizer.fingerprint)
     seq_len = min(cfg.seq_len, model.config.max_seq_len)
     examples = chat_data.sft_examples(tokenizer, seq_len)
     objective = SupervisedChat(

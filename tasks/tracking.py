@@ -73,7 +73,10 @@ def setup() -> str:
         try:
             exp_id = client.create_experiment(name, artifact_location=_artifact_root())
         except mlflow.exceptions.MlflowException:  # created concurrently by another stage
-            exp_id = client.get_experiment_by_name(name).experiment_id
+            existing = client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+            exp_id = existing.experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from models.llama import Transformer
 from tasks.config import TrainConfig
 from tasks.io import atomic_path, write_json
 
@@ -281,9 +282,7 @@ def finish_training(
     return metrics
 
 
-def load_stage_model(
-    name: str, fingerprint: str, kind: str = "causal_lm"
-) -> tuple[nn.Module, dict[str, Any]]:
+def load_stage_model(name: str, fingerprint: str, kind: str = "causal_lm") -> tuple[Any, dict[str, Any]]:
     """Load data/checkpoints/<name>/ and check it was trained with the tokenizer given by its fingerprint."""
     from models.checkpoint import load_checkpoint
     from tasks import paths
@@ -295,4 +294,10 @@ def load_stage_model(
             f"{paths.checkpoint(name)} was trained with tokenizer {str(meta.get('tokenizer_fingerprint'))[:12]}, "
             f"but data/tokenizer/tokenizer.json is {fingerprint[:12]}; re-run the stages after `tokenizer`"
         )
+    return model, meta
+
+
+def load_causal_lm(name: str, fingerprint: str) -> tuple[Transformer, dict[str, Any]]:
+    model, meta = load_stage_model(name, fingerprint, kind="causal_lm")
+    assert isinstance(model, Transformer)
     return model, meta

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -98,6 +99,18 @@ def git_info(cwd: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
+SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "auth")
+
+
+def redact(key: str, value: str) -> str:
+    """Never log secrets as params: a key that names one, or a URI with a password in it, is masked."""
+    parts = key.lower().split(".")
+    # The tokenizer section's *_token fields name vocabulary tokens, not credentials.
+    if "tokenizer" not in parts[:2] and any(word in parts[-1] for word in SECRET_WORDS):
+        return "***"
+    return re.sub(r"(//[^/:@\s]+:)[^@/\s]+@", r"\1***@", value)
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
@@ -117,7 +130,7 @@ class Tracker:
         self.run_id: str = run.info.run_id
 
     def log_params(self, params: Any, prefix: str = "") -> None:
-        flat = {k: str(v)[:6000] for k, v in flatten(params, prefix).items()}
+        flat = {k: redact(k, str(v))[:6000] for k, v in flatten(params, prefix).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
@@ -145,7 +158,8 @@ def stage_run(stage: str, params: Any = None, profile: str | None = None) -> Ite
     tags = {"pipeline.stage": stage, **git_info()}
     if profile:
         tags["pipeline.profile"] = profile
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+    nested = mlflow.active_run() is not None  # in-process under the flow run (tests); stages are subprocesses
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=nested, tags=tags) as run:
         tracker = Tracker(run)
         if params is not None:
             tracker.log_params(params)

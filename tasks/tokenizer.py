@@ -23,19 +23,29 @@ from tasks import paths
 from tasks.config import Params, TokenizerConfig
 from tasks.io import atomic_path, atomic_write_text, sha256_file, write_json
 from tasks.stage import StageError, stage_main
-from tasks.tokens import ChatTokenizer, special_tokens, write_tokenizer_config
+from tasks.tokens import ChatTokenizer, SpecialTokens, write_tokenizer_config
 
 log = logging.getLogger("tasks.tokenizer")  # not __name__: under `python -m` that is "__main__"
 
 BATCH_ROWS = 1000
 
 
+def special_tokens(cfg: TokenizerConfig) -> SpecialTokens:
+    try:
+        return SpecialTokens.from_params(cfg.bos_token, cfg.eos_token, cfg.pad_token, list(cfg.role_tokens))
+    except ValueError as exc:
+        raise StageError(str(exc)) from exc
+
+
 def specials(cfg: TokenizerConfig) -> list[str]:
-    return special_tokens(cfg.bos_token, cfg.eos_token, cfg.pad_token, list(cfg.role_tokens))
+    """The special token strings in id order: pad (id 0), bos, eos, system, user, assistant, end."""
+    return special_tokens(cfg).ordered()
 
 
 def check_config(cfg: TokenizerConfig) -> None:
     n_special = len(specials(cfg))
+    if not all(isinstance(t, str) and t.strip() for t in specials(cfg)):
+        raise StageError(f"tokenizer special tokens must be non-empty strings, got {specials(cfg)}")
     if cfg.vocab_size <= 256 + n_special:
         raise StageError(
             f"tokenizer.vocab_size={cfg.vocab_size} is too small: a byte-level BPE needs 256 byte tokens + "
@@ -74,13 +84,24 @@ def train_tokenizer(
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: Path) -> dict[str, Any]:
-    """tokenizer.json + tokenizer_config.json + fingerprint.json into out_dir; returns the fingerprint."""
+def save_tokenizer(tok: Tokenizer, out_dir: Path, specials: SpecialTokens | None = None) -> dict[str, Any]:
+    """tokenizer.json + tokenizer_config.json + fingerprint.json into out_dir; returns the fingerprint.
+
+    `specials` (default: read from the ids 0..6 that train_tokenizer gives them) are recorded in
+    tokenizer_config.json, where ChatTokenizer.load finds them.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "tokenizer.json", tok.to_str(pretty=True))
     chat = ChatTokenizer.load(out_dir / "tokenizer.json")
+    if specials is not None:
+        chat.specials = specials
     write_tokenizer_config(out_dir, chat)
-    fingerprint = {"sha256": sha256_file(out_dir / "tokenizer.json"), "vocab_size": tok.get_vocab_size()}
+    ChatTokenizer.load(out_dir)  # what every later stage does: fails here, not there, if it cannot
+    fingerprint = {
+        "sha256": sha256_file(out_dir / "tokenizer.json"),
+        "vocab_size": tok.get_vocab_size(),
+        "special_tokens": chat.specials.as_dict(),
+    }
     write_json(out_dir / "fingerprint.json", fingerprint)
     return fingerprint
 
@@ -96,7 +117,7 @@ def run(params: Params, tracker: Any = None) -> dict[str, Any]:
         raise StageError(f"dataset pretrain: {source} has no rows to train the tokenizer on")
     tok = train_tokenizer(iter_text(source), cfg, length=rows)
     with atomic_path(paths.TOKENIZER_DIR) as tmp:
-        fingerprint = save_tokenizer(tok, tmp)
+        fingerprint = save_tokenizer(tok, tmp, special_tokens(cfg))
     metrics = {"tokenizer/vocab_size": fingerprint["vocab_size"], "tokenizer/train_docs": rows}
     write_json(paths.METRICS / "tokenizer.json", metrics)
     log.info("tokenizer: vocab %d, fingerprint %s", fingerprint["vocab_size"], fingerprint["sha256"][:12])

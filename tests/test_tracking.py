@@ -20,9 +20,11 @@ def test_secrets_are_redacted_but_tokenizer_tokens_are_not():
 
 
 def test_stage_run_is_a_child_of_the_flow_run(mlflow_store):
-    with tracking.flow_run("pipeline", {"pipeline.flow": "test"}) as parent:
-        with tracking.stage_run("ingest", {"api_token": "s3cret", "n": 3}, profile="tiny") as child:
-            child.log_metrics({"rows": 5.0}, step=1)
+    with (
+        tracking.flow_run("pipeline", {"pipeline.flow": "test"}) as parent,
+        tracking.stage_run("ingest", {"api_token": "s3cret", "n": 3}, profile="tiny") as child,
+    ):
+        child.log_metrics({"rows": 5.0}, step=1)
     run = mlflow.get_run(child.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.run_id
     assert run.data.tags["pipeline.stage"] == "ingest" and run.data.tags["pipeline.profile"] == "tiny"

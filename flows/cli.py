@@ -3,7 +3,11 @@
     pipeline run --profile tiny --set pretrain.train.max_steps=50     # resolve params.yaml, run the flow
     pipeline params --profile cpu                                     # only write params.yaml (then `dvc repro`)
     pipeline ui                                                       # Prefect + MLflow servers on 127.0.0.1
+    pipeline deploy --cron "0 3 * * *" --profile cpu                  # a schedulable deployment (serves runs)
     pipeline stages                                                   # the stage order read from dvc.yaml
+    pipeline chat pipeline-sft@champion                               # interactive chat, streamed
+    pipeline export pipeline-sft@champion out/hf                      # Hugging Face Llama checkpoint
+    pipeline replay pipeline-base@champion                            # reproduce it from its lineage
 
 Every check that can fail without doing work (profile, keys, types, source paths, tracking store)
 runs before the first stage starts.
@@ -12,11 +16,7 @@ runs before the first stage starts.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tasks.config import ConfigError, dump_params, resolve_params
@@ -40,11 +40,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     _resolve(args)
     from tasks import tracking
 
-    tracking.setup()  # an unreachable tracking server fails here, before any training
+    tracking.check_reachable()  # an unreachable tracking server fails here in seconds, before any training
+    tracking.setup()
     from flows.pipeline import pipeline
 
     results = pipeline(
-        profile=args.profile, overrides=args.set or [], stages=args.stage or None, force=args.force
+        profile=args.profile,
+        overrides=args.set or [],
+        stages=args.stage or None,
+        force=args.force,
+        retries=args.retries,
+        retry_delay_seconds=args.retry_delay,
     )
     print("stages:", ", ".join(f"{k}={v}" for k, v in results.items()))
     return 0
@@ -61,61 +67,56 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start a Prefect server and an MLflow server on the loopback interface; Ctrl-C stops both."""
+    from flows.deploy import run_ui
     from tasks import tracking
 
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    procs = [
-        subprocess.Popen(
-            [
-                str(bin_dir / "prefect"),
-                "server",
-                "start",
-                "--host",
-                args.host,
-                "--port",
-                str(args.prefect_port),
-            ],
-            env=env,
-        ),
-        subprocess.Popen(
-            [
-                str(bin_dir / "mlflow"),
-                "server",
-                "--host",
-                args.host,
-                "--port",
-                str(args.mlflow_port),
-                "--backend-store-uri",
-                tracking.tracking_uri(),
-                "--default-artifact-root",
-                str(Path("mlartifacts").resolve().as_uri()),
-            ],
-            env=env,
-        ),
-    ]
-    print(
-        f"Prefect UI: http://{args.host}:{args.prefect_port}   MLflow UI: http://{args.host}:{args.mlflow_port}"
+    return run_ui(
+        args.host,
+        args.prefect_port,
+        args.mlflow_port,
+        args.mlflow_store or tracking.tracking_uri(),
+        Path(args.artifacts),
     )
-    print(
-        f"Point runs at them: export PREFECT_API_URL=http://{args.host}:{args.prefect_port}/api "
-        f"MLFLOW_TRACKING_URI=http://{args.host}:{args.mlflow_port}"
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    _resolve(args)
+    from tasks import tracking
+
+    tracking.check_reachable()
+    from flows.deploy import serve
+
+    serve(
+        args.name, args.profile, args.set or [], cron=args.cron, interval=args.interval, retries=args.retries
     )
-    try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
     return 0
+
+
+def _generation_params(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k}
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from flows.models import chat
+
+    try:
+        return chat(args.model, _generation_params(args), system=args.system)
+    except ValueError as exc:  # a generation parameter out of bounds (max_new_tokens, temperature)
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flows.models import export
+
+    export(args.model, Path(args.out_dir))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from flows.models import replay
+
+    return 0 if replay(args.model, Path(args.workdir) if args.workdir else None, keep=args.keep) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("run", cmd_run), ("params", cmd_params)):
+    for name, fn in (("run", cmd_run), ("params", cmd_params), ("deploy", cmd_deploy)):
         p = sub.add_parser(name)
         p.add_argument("--profile", default="cpu", help="conf/profiles/<profile>.yaml (tiny, cpu, gpu)")
         p.add_argument(
@@ -132,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--stage", action="append", help="run only these stages (repeatable)")
             p.add_argument("--force", action="store_true", help="re-run stages even if up to date")
+        if name in ("run", "deploy"):
+            p.add_argument("--retries", type=int, default=1, help="retries of a failed stage (default 1)")
+        if name == "run":
+            p.add_argument(
+                "--retry-delay", type=float, default=5.0, help="seconds before the first retry (doubles)"
+            )
+        if name == "deploy":
+            p.add_argument("--name", default="default", help="deployment name: llm-pipeline/<name>")
+            when = p.add_mutually_exclusive_group()
+            when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *"')
+            when.add_argument("--interval", type=float, help="schedule every N seconds")
         p.set_defaults(fn=fn)
     p = sub.add_parser("stages")
     p.set_defaults(fn=cmd_stages)
@@ -139,15 +151,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--mlflow-store", help="backend store URI (default: the pipeline's, sqlite mlflow.db)")
+    p.add_argument("--artifacts", default="mlartifacts", help="artifact root directory")
     p.set_defaults(fn=cmd_ui)
+    for name, fn, helptext in (
+        ("chat", cmd_chat, "interactive chat with a registered model, streamed"),
+        ("export", cmd_export, "write a registered model as a Hugging Face Llama checkpoint"),
+        ("replay", cmd_replay, "reproduce a registered model from its lineage (git worktree + dvc repro)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument(
+            "model", help="<registered name>@<alias> (e.g. pipeline-sft@champion) or <name>/<version>"
+        )
+        if name == "chat":
+            p.add_argument("--max-new-tokens", type=int, default=128)
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--system", help="a system message that starts the conversation")
+        if name == "export":
+            p.add_argument("out_dir")
+        if name == "replay":
+            p.add_argument("--workdir", help="where to make the temporary worktree (default: system temp)")
+            p.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
+        p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
+    from flows.deploy import apply_ui_state
+
+    if args.command != "ui":
+        apply_ui_state()  # a `pipeline ui` running in this directory: use its servers
     try:
         return args.fn(args)
     except ConfigError as exc:
         print(f"pipeline: config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if type(exc).__name__ in {"StageError", "TrackingError"}:
+        if type(exc).__name__ in {"StageError", "TrackingError", "ModelRefError", "ReplayError"}:
             print(f"pipeline: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,12 +1,15 @@
 """Conversations and preference pairs as token ids, shared by sft, reward, dpo, rlhf and evaluate.
 
 Everything here is deterministic: a fixed held-out split by a seeded permutation, batches drawn by a
-generator seeded from (seed, step, micro_step), right padding (with causal attention a pad after the
-sequence cannot leak into it).
+generator seeded from (seed, step, micro_step). Two batch layouts for SFT:
+- right padding (`lm_batch`): with causal attention a pad after the sequence cannot leak into it;
+- packing (`pack` + `packed_batch`): several conversations per row, with `doc_ids` so that attention is
+  block-diagonal (models.llama) and positions restart at each conversation: no leak across examples.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +28,13 @@ IGNORE = -100
 class Example:
     ids: list[int]
     mask: list[bool]  # True where the token is an assistant (trained) token
+
+
+@dataclass
+class Packed:
+    ids: list[int]
+    mask: list[bool]
+    doc: list[int]  # which conversation of the row each token belongs to (0, 1, ...)
 
 
 @dataclass
@@ -53,10 +63,16 @@ def sft_examples(tokenizer: ChatTokenizer, seq_len: int) -> list[Example]:
     for i, row in enumerate(read_rows("sft")):
         messages = row["messages"]
         if not messages or messages[-1]["role"] != "assistant":
+            last = messages[-1]["role"] if messages else "nothing (empty conversation)"
             raise StageError(
-                f"{paths.validated('sft')} row {i}: conversation does not end with an assistant turn"
+                f"{paths.validated('sft')} row {i}: conversation does not end with an assistant turn "
+                f"(it ends with {last}); SFT trains on assistant replies, so each conversation must end "
+                "with one"
             )
-        ids, mask = tokenizer.render_chat(messages)
+        try:
+            ids, mask = tokenizer.render_chat(messages)
+        except ValueError as exc:
+            raise StageError(f"{paths.validated('sft')} row {i}: {exc}") from exc
         out.append(Example(ids[: seq_len + 1], mask[: seq_len + 1]))
     return out
 
@@ -64,10 +80,14 @@ def sft_examples(tokenizer: ChatTokenizer, seq_len: int) -> list[Example]:
 def preference_pairs(tokenizer: ChatTokenizer, seq_len: int) -> list[Pair]:
     out = []
     for i, row in enumerate(read_rows("preference")):
-        if not row["chosen"].strip() or not row["rejected"].strip():
-            raise StageError(f"{paths.validated('preference')} row {i}: empty chosen or rejected response")
-        if row["chosen"] == row["rejected"]:
-            raise StageError(f"{paths.validated('preference')} row {i}: chosen == rejected")
+        where = f"{paths.validated('preference')} row {i}"
+        for side in ("chosen", "rejected"):
+            if not isinstance(row.get(side), str) or not row[side].strip():
+                raise StageError(f"{where}: empty {side} response; a preference pair needs two answers")
+        if row["chosen"].strip() == row["rejected"].strip():
+            raise StageError(
+                f"{where}: chosen == rejected ({row['chosen'][:60]!r}); such a pair carries no preference"
+            )
         prompt, _ = tokenizer.render_chat(
             [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True
         )
@@ -95,6 +115,39 @@ def lm_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"x": pad(xs, pad_id), "y": pad(ys, pad_id, fill=IGNORE)}
 
 
+def pack(examples: list[Example], seq_len: int) -> list[Packed]:
+    """Greedy packing in the given order: conversations are appended to a row of at most seq_len + 1
+    tokens (inputs and shifted targets) until the next one does not fit."""
+    rows: list[Packed] = []
+    current = Packed([], [], [])
+    for e in examples:
+        if current.ids and len(current.ids) + len(e.ids) > seq_len + 1:
+            rows.append(current)
+            current = Packed([], [], [])
+        doc = current.doc[-1] + 1 if current.doc else 0
+        current.ids += e.ids
+        current.mask += e.mask
+        current.doc += [doc] * len(e.ids)
+    if current.ids:
+        rows.append(current)
+    return rows
+
+
+def packed_batch(rows: list[Packed], pad_id: int) -> dict[str, torch.Tensor]:
+    """x [B,T], y [B,T] (IGNORE off assistant tokens, on pads and across a conversation boundary), and
+    doc_ids [B,T] for block-diagonal attention; pads get their own id (-1), never a conversation's."""
+    xs = [r.ids[:-1] for r in rows]
+    ys = [
+        [
+            t if m and d == d_next else IGNORE
+            for t, m, d, d_next in zip(r.ids[1:], r.mask[1:], r.doc[:-1], r.doc[1:], strict=True)
+        ]
+        for r in rows
+    ]
+    docs = [r.doc[:-1] for r in rows]
+    return {"x": pad(xs, pad_id), "y": pad(ys, pad_id, fill=IGNORE), "doc_ids": pad(docs, -1, fill=-1)}
+
+
 def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows: tokens [2B,T], response mask in label space [2B,T-1], lengths [2B]."""
     seqs, masks = [], []
@@ -110,4 +163,7 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def sample(n: int, k: int, seed: int, step: int, micro_step: int) -> np.ndarray:
-    return np.random.default_rng([seed, step, micro_step]).integers(0, n, size=k)
+    """k indices for (step, micro_step) on this rank. Seeded by the global micro index micro*world + rank, so
+    N ranks with grad_accum A see exactly the batches of 1 rank with grad_accum N*A."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    return np.random.default_rng([seed, step, micro_step * world + rank]).integers(0, n, size=k)

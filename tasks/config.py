@@ -73,6 +73,7 @@ class TokenizerConfig:
     bos_token: str = "<|bos|>"
     eos_token: str = "<|eos|>"
     pad_token: str = "<|pad|>"
+    # [system, user, assistant, end of turn], exactly 4
     role_tokens: list[str] = field(
         default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     )
@@ -118,6 +119,7 @@ class PretrainConfig:
 class SFTConfig:
     seq_len: int = 256
     val_fraction: float = 0.1
+    packing: bool = False  # pack conversations into seq_len rows; doc_ids keep attention per conversation
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=3e-4, min_lr=3e-5))
 
 
@@ -135,6 +137,7 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo
     label_smoothing: float = 0.0
+    reference: str = "sft"  # checkpoint under data/checkpoints/ used as the frozen reference
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, min_lr=1e-6))
 
 
@@ -151,6 +154,8 @@ class RLHFConfig:
     kl_coef: float = 0.05
     adaptive_kl: bool = False
     target_kl: float = 6.0
+    kl_horizon: int = 10000  # adaptive controller horizon (Ziegler et al. 2019)
+    reference: str = "sft"
     temperature: float = 1.0
     top_k: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, lr=1e-5, min_lr=1e-6))
@@ -170,6 +175,7 @@ class EvaluateConfig:
     mmlu_dir: str = "data/mmlu"  # original CSV layout (dev/ val/ test/); or hf:cais/mmlu
     mmlu_split: str = "val"
     k_shot: int = 5
+    fewshot_policy: str = "truncate"  # prompt too long: truncate (left, as the harness) | reduce (fewer shots)
     subjects: list[str] = field(default_factory=list)  # empty = every subject found
     max_items_per_subject: int = 0  # 0 = all
     ppl_window: int = 256

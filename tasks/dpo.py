@@ -1,25 +1,34 @@
 """Stage `dpo`: Direct Preference Optimization of the SFT policy against the frozen SFT reference.
 
 The reference log-probs of every pair are computed once before training (the reference never changes)
-and cached in the stage's state dir, so a resumed run does not recompute them. Metrics carry TRL's names:
-rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected.
+and cached in the stage's state dir, keyed by the reference weights, the tokenizer and the pairs, so a
+resumed run does not recompute them. Metrics carry TRL's names: rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies, logps/chosen, logps/rejected.
+
+Health alerts (also used by rlhf): checked on the last step's metrics, before the loop writes anything,
+so with `alerts.fail_on_alert` a failing stage leaves no checkpoint and no metrics file behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from models.llama import Transformer
 from tasks import chat_data, paths
 from tasks.config import DPOConfig, Params
+from tasks.io import atomic_write_bytes, sha256_file
+from tasks.launch import training_main
 from tasks.losses import dpo_loss, sequence_logps
-from tasks.stage import StageError, stage_main
+from tasks.stage import StageError
 from tasks.tokens import ChatTokenizer
 from tasks.training import Batch, finish_training, load_causal_lm, train
 
@@ -41,11 +50,11 @@ def reference_logps(
 ) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of every pair, in order."""
     rows = []
+    device = next(reference.parameters()).device
     for start in range(0, len(pairs), batch_size):
-        chosen, rejected = pair_logps(
-            reference, chat_data.pair_batch(pairs[start : start + batch_size], pad_id)
-        )
-        rows.append(torch.stack([chosen, rejected], dim=1))
+        batch = chat_data.pair_batch(pairs[start : start + batch_size], pad_id)
+        chosen, rejected = pair_logps(reference, {k: v.to(device) for k, v in batch.items()})
+        rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
     return torch.cat(rows)
 
 
@@ -70,7 +79,7 @@ class DirectPreference:
         pick = chat_data.sample(
             len(self.train_idx),
             self.cfg.train.micro_batch_size,
-            self.cfg.train.seed + self.rank,
+            self.cfg.train.seed,
             step,
             micro_step,
         )
@@ -111,57 +120,126 @@ class DirectPreference:
         return int(batch["tokens"].numel())
 
 
+def reference_key(reference_name: str, fingerprint: str, pairs: list[chat_data.Pair]) -> str:
+    """What the cached reference log-probs depend on: the reference weights, the tokenizer, the pairs."""
+    h = hashlib.sha256()
+    h.update(sha256_file(paths.checkpoint(reference_name) / "model.safetensors").encode())
+    h.update(fingerprint.encode())
+    for p in pairs:
+        h.update(repr((p.prompt, p.chosen, p.rejected)).encode())
+    return h.hexdigest()
+
+
 def cached_reference(
-    reference: nn.Module, pairs: list[chat_data.Pair], pad_id: int, fingerprint: str
+    reference: nn.Module, pairs: list[chat_data.Pair], pad_id: int, key: str
 ) -> torch.Tensor:
+    """[N, 2] reference log-probs, from data/state/dpo/ when the key matches, else computed and cached."""
     cache = paths.STATE / "dpo" / "reference_logps.safetensors"
     if cache.exists():
-        saved = load_file(str(cache))
-        if saved["logps"].shape == (len(pairs), 2) and cache.with_suffix(".key").read_text() == fingerprint:
-            return saved["logps"]
+        try:
+            with safe_open(str(cache), framework="pt") as fh:
+                if (fh.metadata() or {}).get("key") == key:
+                    saved = fh.get_tensor("logps")
+                    if saved.shape == (len(pairs), 2):
+                        log.info("reference log-probs: reused the cache %s (%d pairs)", cache, len(pairs))
+                        return saved
+        except Exception as exc:  # a torn or foreign file: recompute
+            log.warning("ignoring unreadable reference cache %s: %s", cache, exc)
     ref = reference_logps(reference, pairs, pad_id, batch_size=16)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"logps": ref.contiguous()}, str(cache))
-    cache.with_suffix(".key").write_text(fingerprint)
+    atomic_write_bytes(cache, save({"logps": ref.contiguous()}, metadata={"key": key}))
+    log.info("reference log-probs: computed for %d pairs, cached in %s", len(pairs), cache)
     return ref
 
 
-def check_alerts(metrics: dict[str, float], params: Params, tracker: Any) -> list[str]:
-    """Health checks on the final held-out metrics: accuracy at chance, collapsed margin."""
+def check_same_architecture(policy: Transformer, reference: Transformer, names: tuple[str, str]) -> None:
+    """The reference scores the policy's tokens position by position: same config, or a clear error."""
+    if policy.config != reference.config:
+        a, b = policy.config.to_dict(), reference.config.to_dict()
+        diff = ", ".join(f"{k}: {a[k]} vs {b[k]}" for k in a if a[k] != b.get(k))
+        raise StageError(
+            f"policy ({paths.checkpoint(names[0])}) and reference ({paths.checkpoint(names[1])}) have "
+            f"different shapes ({diff}); the reference must be the policy's own starting model"
+        )
+
+
+def load_policy_and_reference(
+    policy_name: str, reference_name: str, fingerprint: str
+) -> tuple[Transformer, Transformer, dict[str, Any]]:
+    policy, meta = load_causal_lm(policy_name, fingerprint)
+    reference, _ = load_causal_lm(reference_name, fingerprint)
+    check_same_architecture(policy, reference, (policy_name, reference_name))
+    reference.requires_grad_(False)
+    return policy, reference, meta
+
+
+def dpo_alerts(metrics: dict[str, float], params: Params) -> list[str]:
+    """Health checks on the final (held-out when evaluated) metrics: accuracy at chance, collapsed margin."""
     alerts = params.alerts
     found = []
+    where = "held-out" if "val/rewards/accuracies" in metrics else "training"
     acc = metrics.get("val/rewards/accuracies", metrics.get("rewards/accuracies", 0.0))
     margin = metrics.get("val/rewards/margins", metrics.get("rewards/margins", 0.0))
     if acc < alerts.dpo_min_accuracy:
         found.append(
-            f"DPO held-out rewards/accuracies {acc:.3f} < alerts.dpo_min_accuracy {alerts.dpo_min_accuracy}"
+            f"DPO {where} rewards/accuracies {acc:.3f} < alerts.dpo_min_accuracy {alerts.dpo_min_accuracy} "
+            "(at chance: the policy does not prefer the chosen responses)"
         )
     if margin <= alerts.dpo_min_margin:
         found.append(
-            f"DPO held-out rewards/margins {margin:.4f} <= alerts.dpo_min_margin {alerts.dpo_min_margin}"
+            f"DPO {where} rewards/margins {margin:.4f} <= alerts.dpo_min_margin {alerts.dpo_min_margin} "
+            "(margin collapse)"
         )
-    return raise_or_tag(found, params, tracker)
+    return found
+
+
+def check_alerts(metrics: dict[str, float], params: Params, tracker: Any) -> list[str]:
+    return raise_or_tag(dpo_alerts(metrics, params), params, tracker)
 
 
 def raise_or_tag(found: list[str], params: Params, tracker: Any) -> list[str]:
+    """Log each alert as a warning and tag the MLflow run; with alerts.fail_on_alert, fail the stage."""
     for message in found:
         log.warning("ALERT: %s", message)
     if tracker is not None:
         tracker.set_tags({"health.alerts": " | ".join(found) or "none"})
     if found and params.alerts.fail_on_alert:
-        raise StageError("health alert (alerts.fail_on_alert=true): " + "; ".join(found))
+        raise StageError("health alert (alerts.fail_on_alert=true), nothing written: " + "; ".join(found))
     return found
+
+
+def alerts_at_end(
+    max_steps: int, check: Callable[[dict[str, float]], list[str]], params: Params, tracker: Any
+) -> Callable[[int, dict[str, float]], None]:
+    """An on_step hook for the loop: run the checks on the last step's metrics. The loop calls it before
+    it writes its curve and before the stage writes its checkpoint, so a failure leaves no new output."""
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step == max_steps:
+            raise_or_tag(check(metrics), params, tracker)
+
+    return on_step
+
+
+# Until tasks/config.py has `DPOConfig.reference`, the reference (and starting policy) is this checkpoint.
+REFERENCE_DEFAULT = "sft"
 
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.dpo
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    policy, meta = load_causal_lm("sft", tokenizer.fingerprint)
-    reference, _ = load_causal_lm("sft", tokenizer.fingerprint)
-    reference.requires_grad_(False)
+    reference_name = str(getattr(cfg, "reference", REFERENCE_DEFAULT))
+    policy, reference, _ = load_policy_and_reference(reference_name, reference_name, tokenizer.fingerprint)
     pairs = chat_data.preference_pairs(tokenizer, min(cfg.seq_len, policy.config.max_seq_len))
-    key = f"{tokenizer.fingerprint}:{meta.get('metrics')}:{len(pairs)}:{cfg.seq_len}"
-    ref = cached_reference(reference, pairs, tokenizer.pad_id, key)
+    # Same device and precision as the policy's forward in the loop (bf16 autocast on CPU), so that the
+    # implicit rewards start at 0 instead of at the bf16-vs-fp32 rounding difference.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cpu"):
+        ref = cached_reference(
+            reference.to(device),
+            pairs,
+            tokenizer.pad_id,
+            reference_key(reference_name, tokenizer.fingerprint, pairs),
+        )
     del reference
     objective = DirectPreference(pairs, ref, cfg, tokenizer.pad_id)
     state, metrics = train(
@@ -171,18 +249,18 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         state_dir=paths.STATE / "dpo",
         tracker=tracker,
         plot_csv=paths.PLOTS / "dpo.csv",
+        on_step=alerts_at_end(cfg.train.max_steps, lambda m: dpo_alerts(m, params), params, tracker),
     )
-    check_alerts(metrics, params, tracker)
     return finish_training(
         "dpo",
         Transformer(policy.config),
         state,
         policy.config,
         metrics,
-        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "dpo", "parent": "sft"},
+        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "dpo", "parent": reference_name},
         out_dir=paths.checkpoint("dpo"),
     )
 
 
 if __name__ == "__main__":
-    stage_main("dpo", run)
+    training_main("dpo", run, lambda params: params.dpo.train)

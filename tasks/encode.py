@@ -1,10 +1,10 @@
 """Stage `encode`: validated pretrain text -> data/tokens/{train,val}.bin + index.json.
 
-Documents are streamed from parquet in record batches (BATCH_ROWS rows) and encoded with the fast batch
-encoder (Rust, all cores); each becomes [bos] + ids + [eos], assembled and split with numpy, not per token
-in Python. The train/val split is per document, from a stable hash of (seed, document index) computed
+Documents are streamed from parquet in record batches and encoded about BATCH_BYTES at a time with the
+fast batch encoder (Rust, all cores, GIL released, overlapping the Python side of the previous batch);
+each becomes [bos] + ids + [eos], assembled and split with numpy, not per token in Python. The train/val split is per document, from a stable hash of (seed, document index) computed
 with vectorised splitmix64, so it never depends on batch sizes or thread scheduling, and the same input
-gives the same shard bytes. Memory is bounded by one batch: the split is computed per batch (a first pass
+gives the same shard bytes. Memory is bounded by two batches: the split is computed per batch (a first pass
 over the indexes alone, in chunks, only finds which document to force into an empty split), and shards
 are appended batch by batch.
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ __all__ = ["run", "split_assignment", "encode_file", "load_shard", "check_tokens
 
 log = logging.getLogger("tasks.encode")  # not __name__: under `python -m` that is "__main__"
 
-BATCH_ROWS = 1024
+BATCH_ROWS = 1024  # rows read from parquet at a time
+BATCH_BYTES = 1 << 20  # text per encode call: the encoder holds ~100 bytes per token until it returns
 SCORE_CHUNK = 1 << 20  # indexes scored at a time when planning the split
 _M64 = (1 << 64) - 1
 
@@ -130,30 +133,51 @@ def encode_file(
     dtype = token_dtype(tok.vocab_size)
     bos, eos = tok.bos_id, tok.eos_id
     stats = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "docs", "bytes")}
-    with contextlib.ExitStack() as stack:
-        files = {s: stack.enter_context(open(shard_path(s, out_dir), "wb")) for s in SPLITS}
+
+    def texts() -> Iterator[tuple[int, Any, np.ndarray]]:
+        """(first row index, text column, UTF-8 bytes per row), about BATCH_BYTES of text at a time."""
         index = 0
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["text"]):
             column = batch.column(0)
             if column.null_count:
                 raise StageError(
-                    f"dataset pretrain: {source} has a null text in rows {index}..{index + len(batch)}"
+                    f"dataset pretrain: {source} has a null text in rows {index}..{index + len(column) - 1}"
                 )
-            encodings = tok.tokenizer.encode_batch_fast(column.to_pylist(), add_special_tokens=False)
-            tokens, lengths = frame_batch(encodings, bos, eos, dtype)
-            is_val = plan.is_val(index, index + len(batch))
-            nbytes = pc.binary_length(column).to_numpy(zero_copy_only=False)
-            token_is_val = np.repeat(is_val, lengths)
-            for split, doc_mask, tok_mask in (
-                ("val", is_val, token_is_val),
-                ("train", ~is_val, ~token_is_val),
-            ):
-                part = tokens[tok_mask]
-                files[split].write(part.tobytes())
-                stats[f"{split}_tokens"] += len(part)
-                stats[f"{split}_docs"] += int(doc_mask.sum())
-                stats[f"{split}_bytes"] += int(nbytes[doc_mask].sum())
-            index += len(batch)
+            sizes = pc.binary_length(column).to_numpy(zero_copy_only=False)
+            start, total = 0, 0
+            for i, size in enumerate(sizes.tolist()):
+                total += size
+                if total >= BATCH_BYTES or i == len(sizes) - 1:
+                    yield index + start, column.slice(start, i + 1 - start), sizes[start : i + 1]
+                    start, total = i + 1, 0
+            index += len(column)
+
+    def write(index: int, nbytes: np.ndarray, encodings: list[Any]) -> None:
+        tokens, lengths = frame_batch(encodings, bos, eos, dtype)
+        is_val = plan.is_val(index, index + len(nbytes))
+        token_is_val = np.repeat(is_val, lengths)
+        for split, doc_mask, tok_mask in (("val", is_val, token_is_val), ("train", ~is_val, ~token_is_val)):
+            part = tokens[tok_mask]
+            files[split].write(part.tobytes())
+            stats[f"{split}_tokens"] += len(part)
+            stats[f"{split}_docs"] += int(doc_mask.sum())
+            stats[f"{split}_bytes"] += int(nbytes[doc_mask].sum())
+
+    # One batch is encoded (Rust, GIL released, all cores) while the previous one is framed and written
+    # here: at most two batches in memory, and the Python-side work hides behind the encoder.
+    with contextlib.ExitStack() as stack:
+        files = {s: stack.enter_context(open(shard_path(s, out_dir), "wb")) for s in SPLITS}
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode"))
+        pending: tuple[int, np.ndarray, Future[list[Any]]] | None = None
+        for index, column, nbytes in texts():
+            future = pool.submit(
+                tok.tokenizer.encode_batch_fast, column.to_pylist(), add_special_tokens=False
+            )
+            if pending is not None:
+                write(pending[0], pending[1], pending[2].result())
+            pending = (index, nbytes, future)
+        if pending is not None:
+            write(pending[0], pending[1], pending[2].result())
     return {
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,

@@ -58,7 +58,10 @@ SCHEMAS = {
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT-style {"from", "value"} turns
 HH_ASSISTANT = "\n\nAssistant:"
-_LAYOUT = str.maketrans("", "", "\n\t\r")
+# ASCII characters that are neither printable nor newline/tab/CR; includes \x1c-\x1f, which str.split()
+# treats as whitespace and bytes.split() does not
+_ASCII_CONTROL = bytes([*range(0, 9), 11, 12, *range(14, 32), 127])
+_UNSET = b"\0unset"
 
 
 # ------------------------------------------------------------------------------------ pure helpers
@@ -67,23 +70,50 @@ def normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
 
 
-def text_hash(text: str) -> bytes:
+def plain_ascii(text: str) -> bytes | None:
+    """The text's bytes when it is ASCII with no control characters besides newline, tab and CR (the
+    common case, where the fast paths below apply), else None."""
+    if not text.isascii():  # O(1) in CPython
+        return None
+    raw = text.encode("ascii")
+    return raw if len(raw.translate(None, _ASCII_CONTROL)) == len(raw) else None
+
+
+def text_hash(text: str, plain: bytes | None = _UNSET) -> bytes:
+    """sha256 of normalize(text); for plain ASCII the same bytes, computed without per-word strings.
+
+    `plain` is plain_ascii(text) when the caller already has it."""
+    if plain is _UNSET:
+        plain = plain_ascii(text)
+    if plain is not None:  # NFKC is the identity on ASCII, and both splits agree without \x1c-\x1f
+        return hashlib.sha256(b" ".join(plain.lower().split())).digest()
     return hashlib.sha256(normalize(text).encode("utf-8")).digest()
 
 
-def printable_ratio(text: str) -> float:
+def printable_ratio(text: str, plain: bytes | None = _UNSET) -> float:
     """Share of characters that are printable or ordinary whitespace (newline, tab, CR)."""
     if not text:
         return 0.0
-    if text.translate(_LAYOUT).isprintable():  # the common case, at C speed
+    if (plain_ascii(text) if plain is _UNSET else plain) is not None:
+        return 1.0
+    if text.replace("\n", "").replace("\t", "").replace("\r", "").isprintable():  # C speed, any width
         return 1.0
     counts = Counter(text)  # count per distinct character: ~50x faster than testing every character
     ok = sum(n for ch, n in counts.items() if ch.isprintable() or ch in "\n\t\r")
     return ok / len(text)
 
 
+def _clip(value: Any, limit: int) -> Any:
+    """Long strings cut before repr: a 50 MB row must not be copied whole just to show its start."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"...<{len(value)} chars>"
+    if isinstance(value, dict):
+        return {k: _clip(v, limit) for k, v in value.items()}
+    return value
+
+
 def _preview(value: Any, limit: int = 160) -> str:
-    text = repr(value)
+    text = repr(_clip(value, limit))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -405,22 +435,23 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
                     counts.capped = True
                     break
                 record, reason, text = extract(row, source.text_field)
+                plain = None
                 if reason is None:
                     n = len(text)
                     if n < cfg.min_chars:
                         reason = "too_short"
                     elif cfg.max_chars and n > cfg.max_chars:
-                        reason = "too_long"
-                    elif printable_ratio(text) < cfg.min_printable_ratio:
+                        reason = "too_long"  # before any pass over the text: a huge row costs nothing more
+                    elif printable_ratio(text, plain := plain_ascii(text)) < cfg.min_printable_ratio:
                         reason = "non_printable"
                 if reason is None:
-                    digest = text_hash(text)
+                    digest = text_hash(text, plain)
                     reason = "duplicate" if digest in seen else None
                     seen.add(digest)
                 if reason is not None:
                     counts.drop(reason, index, row)
                     continue
-                nbytes = len(text.encode("utf-8"))
+                nbytes = len(plain) if plain is not None else len(text.encode("utf-8"))
                 if max_bytes and counts.bytes_kept + nbytes > max_bytes:
                     counts.drop("cap", index, row)
                     counts.capped = True

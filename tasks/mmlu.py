@@ -11,6 +11,13 @@ Speed without changing a single log-likelihood (tests/test_eval.py checks parity
   computed once per subject into a KV cache and shared by every batch of that subject;
 - rows are sorted by length so batches carry little padding, and the vocabulary projection runs only at
   the positions that are scored.
+
+Prompts longer than the context: fewshot_policy "truncate" (the default, the harness's behaviour) cuts the
+k-shot prompt from the left exactly as HFLM._loglikelihood_tokens does; "reduce" first drops few-shot
+examples (the last ones first, down to 0) until the prompt fits, and truncates only a 0-shot prompt that
+still does not fit. Either way the shots used and the tokens cut are recorded per item.
+Checked against lm-eval 0.4.13 itself (benchmarks/lm_eval_parity.py): equal per-item log-likelihoods
+(max abs diff 2e-6) and predictions, with and without truncation, single- and multi-token choices.
 """
 
 from __future__ import annotations
@@ -40,9 +47,14 @@ PROTOCOL: dict[str, Any] = {
     "fewshot_split": "dev",
     "fewshot_sampler": "first_n (the first k dev examples in file order)",
     "score": "sum of log-probabilities of the continuation tokens given the context; prediction = argmax",
-    "tokenization": "context and continuation encoded separately (no special tokens), then concatenated",
+    "tokenization": (
+        "as the harness's _encode_pair for causal models: trailing whitespace of the context moves to the "
+        "continuation; context_ids = encode(context); continuation_ids = encode(context + continuation)"
+        "[len(context_ids):]; no special tokens except the <|bos|> below"
+    ),
     "prepend_bos": True,  # our models are trained with <|bos|> at document start
     "truncation": "left: keep the last max_seq_len+1 tokens of context+continuation, input drops the last",
+    "fewshot_policy": "truncate",
     "aggregation": "accuracy: micro-average over items; per subject; per category (micro within category)",
 }
 
@@ -306,8 +318,31 @@ def harness_prompt(item: MMLUItem, shots: Sequence[MMLUItem]) -> tuple[str, list
     return fewshot_prefix(item.subject, shots) + format_example(item), list(PROTOCOL["choices"])
 
 
-def protocol(k_shot: int, split: str, prepend_bos: bool = True) -> dict[str, Any]:
-    return {**PROTOCOL, "k_shot": k_shot, "split": split, "prepend_bos": prepend_bos}
+FEWSHOT_POLICIES = {
+    "truncate": "the harness's behaviour: every item gets k shots; a prompt that does not fit is truncated "
+    "from the left",
+    "reduce": "an item whose k-shot prompt does not fit gets the largest k' < k (down to 0) that fits, the "
+    "first k' dev examples; only a 0-shot prompt that still does not fit is truncated from the left",
+}
+
+
+def check_fewshot_policy(policy: str) -> str:
+    if policy not in FEWSHOT_POLICIES:
+        raise ValueError(f"fewshot_policy must be one of {', '.join(FEWSHOT_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def protocol(
+    k_shot: int, split: str, prepend_bos: bool = True, fewshot_policy: str = "truncate"
+) -> dict[str, Any]:
+    check_fewshot_policy(fewshot_policy)
+    return {
+        **PROTOCOL,
+        "k_shot": k_shot,
+        "split": split,
+        "prepend_bos": prepend_bos,
+        "fewshot_policy": f"{fewshot_policy}: {FEWSHOT_POLICIES[fewshot_policy]}",
+    }
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -321,22 +356,62 @@ class _Row:
     prefix_len: int = 0  # leading tokens whose keys/values come from the subject's shared cache
 
 
-def _rows_for_item(i: int, ctx: list[int], conts: list[list[int]], max_len: int) -> tuple[list[_Row], bool]:
+def _rows_for_item(i: int, ctx: list[int], conts: list[list[int]], max_len: int) -> tuple[list[_Row], int]:
+    """The model inputs of one item and how many tokens left truncation cut (the most over its choices).
+
+    Left truncation is the harness's (lm_eval/models/huggingface.py, HFLM._loglikelihood_tokens, causal
+    backend): ``inp = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]``, i.e. keep the last
+    max_len + 1 tokens of context + continuation, BOS included, and feed all but the last.
+    """
     if all(len(c) == 1 for c in conts):
-        # Logits after the last context token give every single-token continuation at once.
+        # Logits after the last context token give every single-token continuation at once; this is the
+        # harness's input for each of them, since (ctx + [c])[-(max_len + 1):][:-1] == ctx[-max_len:].
         tokens = ctx[-max_len:]
         return [_Row(i, tokens, [(c, len(tokens) - 1, cont) for c, cont in enumerate(conts)])], len(
             ctx
-        ) > max_len
-    rows, truncated = [], False
+        ) - len(tokens)
+    rows, cut = [], 0
     for c, cont in enumerate(conts):
         whole = ctx + cont
-        truncated |= len(whole) > max_len + 1
-        tokens = whole[-(max_len + 1) :][:-1]  # the harness's left truncation
+        cut = max(cut, len(whole) - (max_len + 1))
+        tokens = whole[-(max_len + 1) :][:-1]
         if len(tokens) < len(cont):
             raise ValueError(f"continuation of {len(cont)} tokens does not fit max_seq_len={max_len}")
         rows.append(_Row(i, tokens, [(c, len(tokens) - len(cont), cont)]))
-    return rows, truncated
+    return rows, cut
+
+
+def _fits(ctx: list[int], conts: list[list[int]], max_len: int) -> bool:
+    return len(ctx) + max(len(c) for c in conts) <= max_len + 1
+
+
+def encode_requests(
+    tokenizer: Any, contexts: Sequence[str], choices: Sequence[str]
+) -> list[tuple[list[int], list[list[int]]]]:
+    """(context ids, continuation ids per choice) for every context, as the harness's
+    TemplateLM._encode_pair does for causal models (lm_eval/api/model.py): trailing whitespace of the
+    context moves to the continuation, then continuation_enc = encode(context + continuation)
+    [len(encode(context)):]. With a byte-level BPE whose pre-tokenizer splits before " A", this equals
+    encode(" A"); it is computed, not assumed."""
+
+    def batch(texts: list[str]) -> list[list[int]]:
+        if hasattr(tokenizer, "encode_batch"):
+            return list(tokenizer.encode_batch(texts))
+        return [tokenizer.encode(t) for t in texts]
+
+    pairs = []
+    for ctx in contexts:
+        n_spaces = len(ctx) - len(ctx.rstrip())
+        pairs.append((ctx[: len(ctx) - n_spaces], ctx[len(ctx) - n_spaces :]))
+    ctx_ids = batch([c for c, _ in pairs])
+    wholes = batch([c + sp + choice for c, sp in pairs for choice in choices])
+    out = []
+    for i, ids in enumerate(ctx_ids):
+        conts = [wholes[i * len(choices) + c][len(ids) :] for c in range(len(choices))]
+        if any(not cont for cont in conts):
+            raise ValueError(f"a choice of {list(choices)} encodes to no tokens after context {i}")
+        out.append((ids, conts))
+    return out
 
 
 def _common_prefix(rows: list[_Row]) -> int:
@@ -374,8 +449,11 @@ def score_items(
     shots: Mapping[str, Sequence[MMLUItem]] | None = None,
     prepend_bos: bool = True,
     max_seq_len: int | None = None,
+    fewshot_policy: str = "truncate",
 ) -> dict[str, Any]:
-    """Log-likelihood of " A".." D" for every item; returns loglikelihoods, predictions and accuracy.
+    """Log-likelihood of " A".." D" for every item; returns loglikelihoods, predictions and accuracy, and
+    per item the number of shots used (`k_used`) and of context tokens cut by left truncation
+    (`truncated_tokens`).
 
     `model(tokens [B,T]) -> logits [B,T,V]`, already on `device`. A model with `new_cache` (our
     Transformer) shares the few-shot prefix through its KV cache; any other callable is run on full rows.
@@ -384,31 +462,45 @@ def score_items(
 
     from tasks.perplexity import logits_at, logits_checked
 
+    check_fewshot_policy(fewshot_policy)
     shots = shots or {}
     if k_shot > 0 and any(len(shots.get(it.subject, ())) < k_shot for it in items):
         missing = sorted({it.subject for it in items if len(shots.get(it.subject, ())) < k_shot})
         raise MMLUDataError(f"k_shot={k_shot} but fewer dev examples were given for {missing[:5]}")
     max_len = max_seq_len or model.config.max_seq_len
     bos = [tokenizer.bos_id] if prepend_bos else []
-    conts = [tokenizer.encode(c) for c in PROTOCOL["choices"]]
-    contexts = [harness_prompt(it, list(shots.get(it.subject, ()))[:k_shot])[0] for it in items]
-    encoded = tokenizer.encode_batch(contexts) if hasattr(tokenizer, "encode_batch") else None
-    encoded = encoded or [tokenizer.encode(c) for c in contexts]
+    choices = list(PROTOCOL["choices"])
+
+    # k actually used per item: k for all ("truncate"); under "reduce", the largest k' <= k that fits.
+    k_used = [k_shot] * len(items)
+    requests: list[Any] = [None] * len(items)
+    pending = list(range(len(items)))
+    for k in range(k_shot, -1, -1):
+        contexts = [harness_prompt(items[i], list(shots.get(items[i].subject, ()))[:k])[0] for i in pending]
+        still = []
+        for i, (ctx, conts) in zip(pending, encode_requests(tokenizer, contexts, choices), strict=True):
+            requests[i], k_used[i] = (bos + ctx, conts), k
+            if fewshot_policy == "reduce" and k > 0 and not _fits(bos + ctx, conts, max_len):
+                still.append(i)
+        pending = still
+        if not pending:
+            break
 
     groups: dict[Any, list[_Row]] = defaultdict(list)
-    n_truncated = 0
-    for i, (it, ids) in enumerate(zip(items, encoded, strict=True)):
-        rows, truncated = _rows_for_item(i, bos + ids, conts, max_len)
-        n_truncated += truncated
-        # A truncated context lost its prefix, so it cannot share the subject's cache.
-        groups[None if truncated else it.subject] += rows
+    cut_tokens = []
+    for i, (it, (ctx, conts)) in enumerate(zip(items, requests, strict=True)):
+        rows, cut = _rows_for_item(i, ctx, conts, max_len)
+        cut_tokens.append(cut)
+        # A truncated context lost its prefix, so it cannot share the subject's cache; items of one subject
+        # share the prefix only with items that use the same number of shots.
+        groups[None if cut else (it.subject, k_used[i])] += rows
     use_cache = hasattr(model, "new_cache")
     for key, rows in groups.items():
         shared = _common_prefix(rows) if key is not None and use_cache and len(rows) > 1 else 0
         for r in rows:
             r.prefix_len = shared if shared >= MIN_SHARED_PREFIX else 0
 
-    lls = [[0.0] * len(conts) for _ in items]
+    lls = [[0.0] * len(choices) for _ in items]
     pad = getattr(tokenizer, "pad_id", 0)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -449,7 +541,16 @@ def score_items(
     finally:
         if hasattr(model, "train"):
             model.train(was_training)
-    return {**accuracy(items, lls), "n_truncated": n_truncated, "max_seq_len": max_len}
+    return {
+        **accuracy(items, lls),
+        "n_truncated": sum(c > 0 for c in cut_tokens),
+        "n_reduced": sum(k < k_shot for k in k_used),
+        "k_used": k_used,
+        "truncated_tokens": cut_tokens,
+        "mean_k": sum(k_used) / len(k_used) if k_used else float("nan"),
+        "fewshot_policy": fewshot_policy,
+        "max_seq_len": max_len,
+    }
 
 
 def _argmax_first(values: Sequence[float]) -> int:

@@ -3,6 +3,10 @@
 Reads data/tokens/{train,val}.bin (+ index.json) and data/tokenizer/; writes data/checkpoints/base/
 (safetensors + config.json), data/metrics/pretrain.json and the loss curve data/plots/pretrain.csv.
 A killed run resumes from data/state/pretrain/ (same batches, same final weights).
+
+`pretrain.train.world_size: N` runs N processes (torchrun, see tasks/launch.py). Micro-batch k of a step
+on rank r is window set number k * N + r of that step, so N ranks with grad_accum G see exactly the
+batches that one process with grad_accum N * G sees: the global batch does not depend on the layout.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from torch import nn
 from models.config import ModelConfig
 from models.llama import Transformer
 from tasks import paths
-from tasks.config import Params
+from tasks.config import ConfigError, Params
+from tasks.launch import training_main
 from tasks.shards import check_tokens, load_shard
-from tasks.stage import StageError, stage_main
+from tasks.stage import StageError
 from tasks.tokens import ChatTokenizer
 from tasks.training import Batch, finish_training, train
 
@@ -50,6 +55,7 @@ class LanguageModeling:
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.seq_len, self.batch_size, self.seed, self.eval_batches = seq_len, batch_size, seed, eval_batches
         self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
 
     def _windows(self, tokens: np.ndarray, rng: np.random.Generator) -> Batch:
         starts = rng.integers(0, len(tokens) - self.seq_len - 1, size=self.batch_size)
@@ -58,9 +64,8 @@ class LanguageModeling:
         return {"x": data[:, :-1], "y": data[:, 1:]}  # [B, T] each
 
     def batch(self, step: int, micro_step: int, model: nn.Module) -> Batch:
-        return self._windows(
-            self.train_tokens, np.random.default_rng([self.seed, step, micro_step, self.rank])
-        )
+        global_micro = micro_step * self.world + self.rank  # the same union of batches on any layout
+        return self._windows(self.train_tokens, np.random.default_rng([self.seed, step, global_micro]))
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(batch["x"])  # [B, T, V]
@@ -84,13 +89,21 @@ class LanguageModeling:
         return int(batch["x"].numel())
 
 
+def check_params(params: Params) -> None:
+    """Fail before any work for settings this stage cannot run with."""
+    if params.pretrain.seq_len <= 0:
+        raise ConfigError(f"pretrain.seq_len must be positive, got {params.pretrain.seq_len}")
+    if params.pretrain.seq_len > params.model.max_seq_len:
+        raise ConfigError(
+            f"pretrain.seq_len={params.pretrain.seq_len} exceeds model.max_seq_len={params.model.max_seq_len}: "
+            "lower pretrain.seq_len or raise model.max_seq_len"
+        )
+
+
 def model_config(params: Params, tokenizer: ChatTokenizer) -> ModelConfig:
     """params.model with vocab_size fitted to the tokenizer (rounded up to a multiple of 64 for speed)."""
     vocab = -(-tokenizer.vocab_size // 64) * 64
-    if params.pretrain.seq_len > params.model.max_seq_len:
-        raise StageError(
-            f"pretrain.seq_len={params.pretrain.seq_len} exceeds model.max_seq_len={params.model.max_seq_len}"
-        )
+    check_params(params)
     return dataclasses.replace(params.model, vocab_size=vocab)
 
 
@@ -133,4 +146,4 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    stage_main("pretrain", run)
+    training_main("pretrain", run, lambda params: params.pretrain.train, check=check_params)

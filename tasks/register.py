@@ -5,10 +5,16 @@ Each checkpoint (base, sft, reward, dpo, rlhf) is logged as a pyfunc model-from-
 its inputs, tokenizer fingerprint, eval protocol and scores) and gets alias `candidate`. `champion`
 moves to it only if its gated metrics pass against the current champion; the decision and its figures
 are recorded on the version.
+
+For `pipeline replay`, each version also records `weights_sha256` (models.checkpoint.state_dict_hash of
+the checkpoint), the producing stage's params as JSON (`params.<section>`), and the full params.yaml as
+an artifact of the register run (`params.artifact`, with its sha256 in `params.sha256`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MODELS = ("base", "sft", "reward", "dpo", "rlhf")
 STAGE_OF = {"base": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "rlhf": "rlhf"}
+PARAMS_ARTIFACT = "lineage/params.yaml"  # in the register run: the full params.yaml the models came from
 
 
 def lineage(name: str) -> dict[str, str]:
@@ -85,43 +92,71 @@ def gate(new: dict[str, float], champion: dict[str, float], cfg: RegisterConfig)
     return ok, "; ".join(reasons) or "no comparable metrics"
 
 
-def register_one(name: str, params: Params, tracker: Any) -> dict[str, Any]:
+def promote(registered: str, version: str, scores: dict[str, float], cfg: RegisterConfig) -> tuple[bool, str]:
+    """Record the scores on a version, give it `candidate`, and `champion` if the gate passes.
+
+    The decision and the figures it was made on go on the version as `champion.decision`.
+    """
+    champion = tracking.version_by_alias(registered, "champion")
+    champion_scores = scores_from_tags(champion.tags if champion else {})
+    ok, reason = gate(scores, champion_scores, cfg)
+    if champion is not None:
+        reason = f"vs champion v{champion.version}: {reason}"
+    decision = ("promoted: " if ok else "kept previous champion: ") + reason
+    tracking.tag_version(
+        registered, version, {**{f"eval.{k}": v for k, v in scores.items()}, "champion.decision": decision}
+    )
+    tracking.set_alias(registered, "candidate", version)
+    if ok:
+        tracking.set_alias(registered, "champion", version)
+    return ok, decision
+
+
+def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "") -> dict[str, Any]:
+    from models.checkpoint import load_checkpoint, state_dict_hash
+
     cfg = params.register
     ckpt = paths.checkpoint(name)
     if not (ckpt / "model.safetensors").exists():
         raise StageError(f"{ckpt} has no model.safetensors; run the stages before register")
     meta = read_json(ckpt / "config.json")
+    model, _ = load_checkpoint(ckpt)
+    weights_sha256 = state_dict_hash(model)
     registered = f"{cfg.model_prefix}-{name}"
     tracking.log_chat_model(name, registered, ckpt, paths.TOKENIZER_JSON)
     version = tracking.latest_version(registered, tracker.run_id)
-    scores = eval_scores(name)
-    champion = tracking.version_by_alias(registered, "champion")
-    champion_scores = scores_from_tags(champion.tags if champion else {})
-    promote, reason = gate(scores, champion_scores, cfg)
-    git = tracking.git_info()
+    stage = STAGE_OF[name]
+    section = getattr(params, stage)
+    stage_params = {stage: dataclasses.asdict(section)}
+    if stage == "pretrain":
+        stage_params["model"] = dataclasses.asdict(params.model)
     tags = {
-        **git,
+        **tracking.git_info(),
         **lineage(name),
         "tokenizer_fingerprint": meta.get("tokenizer_fingerprint", ""),
-        "stage": STAGE_OF[name],
+        "weights_sha256": weights_sha256,
+        "stage": stage,
         "parent": meta.get("parent", ""),
         "profile": params.profile,
-        **{f"eval.{k}": v for k, v in scores.items()},
-        "champion.decision": ("promoted: " if promote else "kept previous champion: ") + reason,
+        "seed": params.seed,
+        f"params.{stage}": json.dumps(stage_params, sort_keys=True),
+        "params.artifact": f"runs:/{tracker.run_id}/{PARAMS_ARTIFACT}",
+        "params.sha256": params_sha256,
     }
     protocol = paths.EVAL / f"{name}.json"
     if protocol.exists():
         tags["protocol"] = json.dumps(read_json(protocol).get("protocol", {}), sort_keys=True)
     tracking.tag_version(registered, version.version, tags)
-    tracking.set_alias(registered, "candidate", version.version)
-    if promote:
-        tracking.set_alias(registered, "champion", version.version)
-    log.info("%s v%s: %s", registered, version.version, tags["champion.decision"])
-    return {"name": registered, "version": int(version.version), "champion": promote, "decision": reason}
+    promoted, decision = promote(registered, version.version, eval_scores(name), cfg)
+    log.info("%s v%s: %s", registered, version.version, decision)
+    return {"name": registered, "version": int(version.version), "champion": promoted, "decision": decision}
 
 
 def run(params: Params, tracker: Any) -> dict[str, Any]:
-    results = {name: register_one(name, params, tracker) for name in MODELS}
+    params_file = Path("params.yaml")
+    tracker.log_artifact(params_file, str(Path(PARAMS_ARTIFACT).parent))
+    params_sha256 = hashlib.sha256(params_file.read_bytes()).hexdigest()
+    results = {name: register_one(name, params, tracker, params_sha256) for name in MODELS}
     paths.REGISTRY.mkdir(parents=True, exist_ok=True)
     write_json(paths.REGISTRY / "registered.json", results)
     return results

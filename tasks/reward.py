@@ -16,8 +16,9 @@ from models.heads import ScalarHeadModel, last_token_values
 from models.llama import Transformer
 from tasks import chat_data, paths
 from tasks.config import Params
+from tasks.launch import training_main
 from tasks.losses import bradley_terry_loss
-from tasks.stage import StageError, stage_main
+from tasks.stage import StageError
 from tasks.tokens import ChatTokenizer
 from tasks.training import Batch, finish_training, load_causal_lm, train
 
@@ -59,7 +60,7 @@ class PreferenceRanking:
         self.rank = int(os.environ.get("RANK", "0"))
 
     def batch(self, step: int, micro_step: int, model: nn.Module) -> Batch:
-        idx = chat_data.sample(len(self.train), self.batch_size, self.seed + self.rank, step, micro_step)
+        idx = chat_data.sample(len(self.train), self.batch_size, self.seed, step, micro_step)
         return chat_data.pair_batch([self.train[i] for i in idx], self.pad_id)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -117,4 +118,4 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    stage_main("reward", run)
+    training_main("reward", run, lambda params: params.reward.train)

@@ -3,17 +3,23 @@
 Every `ppo_epochs` optimizer steps the current policy samples a rollout batch; in between it is
 optimised on that rollout (clipped surrogate + clipped value loss). Per-token rewards are the KL penalty
 to the frozen SFT reference, plus the reward model's score on the last response token; advantages by GAE.
-Rollouts are saved in the state dir, so a resumed run continues on exactly the rollout it was using.
+Every rollout is saved in the state dir with the KL coefficient after its update, so a resumed run
+continues on exactly the rollout (and coefficient) it was using and ends with the same weights.
+
+KL coefficient: fixed, or adaptive (Ziegler et al. 2019), which moves it so the rollout KL tracks
+`target_kl`. Health alert: any rollout KL above `alerts.ppo_max_kl` (checked at the last step, before
+anything is written; `alerts.fail_on_alert` makes it fail the stage).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from models.generate import generate
@@ -21,13 +27,36 @@ from models.heads import PolicyWithValue, last_token_values
 from models.llama import Transformer
 from tasks import chat_data, paths
 from tasks.config import Params, RLHFConfig
-from tasks.dpo import raise_or_tag
+from tasks.dpo import alerts_at_end, check_same_architecture
+from tasks.io import atomic_write_bytes
+from tasks.launch import training_main
 from tasks.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
-from tasks.stage import StageError, stage_main
+from tasks.stage import StageError
 from tasks.tokens import ChatTokenizer
 from tasks.training import Batch, finish_training, load_causal_lm, load_stage_model, train
 
 log = logging.getLogger(__name__)
+
+# Until tasks/config.py has `RLHFConfig.kl_horizon`: the adaptive controller's horizon (TRL's default).
+KL_HORIZON_DEFAULT = 10_000
+
+
+class KLController:
+    """The per-token KL penalty coefficient. Fixed, or adaptive as in Ziegler et al. (2019) / TRL:
+    e = clip(KL / target - 1, -0.2, 0.2); coef *= 1 + e * n_samples / horizon."""
+
+    def __init__(self, value: float, adaptive: bool, target: float, horizon: int) -> None:
+        if adaptive and (target <= 0 or horizon <= 0):
+            raise StageError(
+                f"adaptive KL needs rlhf.target_kl > 0 and a horizon > 0, got {target}, {horizon}"
+            )
+        self.value, self.adaptive, self.target, self.horizon = value, adaptive, target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> float:
+        if self.adaptive:
+            error = max(-0.2, min(0.2, current_kl / self.target - 1))
+            self.value *= 1 + error * n_samples / self.horizon
+        return self.value
 
 
 class ProximalPolicy:
@@ -44,20 +73,30 @@ class ProximalPolicy:
         self.train_idx, self.val_idx = chat_data.split(len(prompts), 0.1, cfg.train.seed)
         self.prompts, self.reference, self.reward_model, self.cfg = prompts, reference, reward_model, cfg
         self.pad_id, self.stop = tokenizer.pad_id, [tokenizer.end_id, tokenizer.eos_id]
-        self.kl_coef = cfg.kl_coef
+        self.kl = KLController(
+            cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, int(getattr(cfg, "kl_horizon", KL_HORIZON_DEFAULT))
+        )
         self.rollout: Batch | None = None
         self.rollout_step = -1
         self.rank = int(os.environ.get("RANK", "0"))
-        self.cache = paths.STATE / "rlhf" / f"rollout-rank{self.rank}.safetensors"
+        self.cache_dir = paths.STATE / "rlhf"
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl.value
+
+    def cache(self, step: int) -> Path:
+        return self.cache_dir / f"rollout-rank{self.rank}-step{step:08d}.safetensors"
 
     # ---------------------------------------------------------------------------------- rollouts
     @torch.no_grad()
     def sample_responses(self, policy: Transformer, idx: list[int], seed: int, greedy: bool = False) -> Batch:
         """Generate one response per prompt; returns tokens [B,T], response mask in label space, lengths."""
         seqs, masks = [], []
+        device = next(policy.parameters()).device
         for j, i in enumerate(idx):
-            prompt = torch.tensor([self.prompts[i]], dtype=torch.long)
-            gen = torch.Generator().manual_seed(seed * 1000 + j)
+            prompt = torch.tensor([self.prompts[i]], dtype=torch.long, device=device)
+            gen = torch.Generator(device=device).manual_seed(seed * 1000 + j)
             out = generate(
                 policy,
                 prompt,
@@ -80,28 +119,41 @@ class ProximalPolicy:
 
     @torch.no_grad()
     def score(self, batch: Batch) -> torch.Tensor:
-        values = self.reward_model(batch["tokens"])  # [B, T]
-        return last_token_values(values.float(), batch["lengths"])  # [B]
+        tokens = batch["tokens"]
+        self.reward_model.to(tokens.device)
+        values = self.reward_model(tokens)  # [B, T]
+        return last_token_values(values.float(), batch["lengths"].to(tokens.device))  # [B]
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The precision the loop computes the loss in (bf16 autocast on CPU), so that at the first PPO
+        epoch the new/old ratio is exactly 1 and the KL to an identical reference exactly 0."""
+        return torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16 and device.type == "cpu"
+        )
 
     @torch.no_grad()
     def make_rollout(self, model: PolicyWithValue, step: int) -> Batch:
         pick = chat_data.sample(
-            len(self.train_idx), self.cfg.rollout_batch_size, self.cfg.train.seed + self.rank, step, 0
+            len(self.train_idx), self.cfg.rollout_batch_size, self.cfg.train.seed, step, 0
         )
         batch = self.sample_responses(model.transformer, [int(self.train_idx[i]) for i in pick], seed=step)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
         tokens, mask = batch["tokens"], batch["mask"]
-        logits, values = model(tokens[:, :-1])
-        old_logps = token_logps(logits, tokens[:, 1:])  # [B, T-1]
-        ref_logps = token_logps(self.reference(tokens[:, :-1]), tokens[:, 1:])
-        scores = self.score(batch)  # [B]
+        self.reference.to(device)
+        with self.autocast(device):
+            logits, values = model(tokens[:, :-1])
+            old_logps = token_logps(logits, tokens[:, 1:])  # [B, T-1]
+            ref_logps = token_logps(self.reference(tokens[:, :-1]), tokens[:, 1:])
+            scores = self.score(batch)  # [B]
         kl = (old_logps - ref_logps) * mask  # per-token KL estimate, [B, T-1]
-        rewards = -self.kl_coef * kl
+        rewards = -self.kl.value * kl
         last = (batch["lengths"] - 2).clamp_min(0)  # label index of the last response token
         rewards[torch.arange(len(last)), last] += scores
         values = values.float() * mask
         advantages, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
         advantages = masked_whiten(advantages, mask)
-        return {
+        out = {
             "tokens": tokens,
             "mask": mask,
             "old_logps": old_logps,
@@ -111,26 +163,57 @@ class ProximalPolicy:
             "scores": scores,
             "kl": kl.sum(-1),
         }
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
 
     def batch(self, step: int, micro_step: int, model: nn.Module) -> Batch:
         start = step - step % self.cfg.ppo_epochs
         if self.rollout_step != start:
-            if step != start and self.cache.exists():  # resumed in the middle of a rollout's epochs
-                self.rollout = load_file(str(self.cache))
+            if self.rollout is None:
+                self._on_first_batch(step, start)
+            if step != start:  # resumed in the middle of a rollout's epochs: the weights moved since
+                self.rollout = self._load(start)
+                self.kl.value = float(self.rollout.pop("kl_coef_after"))
+                log.info("resumed on the cached rollout of step %d (%s)", start, self.cache(start))
             else:
                 self.rollout = self.make_rollout(model, start)  # type: ignore[arg-type]
-                self.cache.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in self.rollout.items()}, str(self.cache))
-                self.update_kl_coef(float(self.rollout["kl"].mean()))
+                kl_after = self.kl.update(float(self.rollout["kl"].mean()), int(self.rollout["kl"].numel()))
+                tensors = {k: v.contiguous() for k, v in self.rollout.items()}
+                tensors["kl_coef_after"] = torch.tensor(kl_after, dtype=torch.float64)
+                atomic_write_bytes(self.cache(start), save(tensors))
             self.rollout_step = start
         assert self.rollout is not None
         return dict(self.rollout)
 
-    def update_kl_coef(self, kl: float) -> None:
-        """Adaptive KL controller (Ziegler et al. 2019): move kl_coef so the KL tracks target_kl."""
-        if self.cfg.adaptive_kl:
-            error = max(-0.2, min(0.2, kl / self.cfg.target_kl - 1))
-            self.kl_coef *= 1 + error * self.cfg.rollout_batch_size / 10_000
+    def _load(self, step: int) -> Batch:
+        path = self.cache(step)
+        if not path.exists():
+            raise StageError(f"resuming PPO at a rollout of step {step}, but its cache {path} is missing")
+        return load_file(str(path))
+
+    def _on_first_batch(self, step: int, start: int) -> None:
+        """A fresh run drops rollouts of an earlier attempt; a resumed one restores the KL coefficient."""
+        if step == 0:
+            for old in self.cache_dir.glob(f"rollout-rank{self.rank}-step*.safetensors"):
+                old.unlink()
+        elif start > 0:  # the coefficient after the previous rollout's update, used by this new one
+            self.kl.value = float(self._load(start - self.cfg.ppo_epochs)["kl_coef_after"])
+
+    def rollout_kls(self) -> dict[int, float]:
+        """Mean KL of every rollout of this run so far, by the step that made it (from the cache)."""
+        out = {}
+        for path in sorted(self.cache_dir.glob(f"rollout-rank{self.rank}-step*.safetensors")):
+            out[int(path.stem.rsplit("step", 1)[1])] = float(load_file(str(path))["kl"].mean())
+        return out
+
+    def kl_alerts(self, max_kl: float) -> list[str]:
+        over = {s: kl for s, kl in self.rollout_kls().items() if kl > max_kl}
+        if not over:
+            return []
+        step, kl = max(over.items(), key=lambda item: item[1])
+        return [
+            f"PPO KL {kl:.3f} (rollout of step {step}) > alerts.ppo_max_kl {max_kl} "
+            f"in {len(over)} rollout(s): the policy drifts from the SFT reference"
+        ]
 
     # ---------------------------------------------------------------------------------- PPO loss
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -156,7 +239,7 @@ class ProximalPolicy:
         return loss, {
             "reward/mean": float(batch["scores"].mean()),
             "kl": float(batch["kl"].mean()),
-            "kl_coef": self.kl_coef,
+            "kl_coef": self.kl.value,
             "entropy": float(entropy),
             "policy/clipfrac": float(clipfrac),
             "policy/approxkl": float(approx_kl),
@@ -169,7 +252,8 @@ class ProximalPolicy:
         """Greedy responses on held-out prompts, scored by the reward model."""
         idx = [int(i) for i in self.val_idx[: self.cfg.train.eval_batches * 4]]
         batch = self.sample_responses(model.transformer, idx, seed=0, greedy=True)  # type: ignore[arg-type]
-        return {"val/reward_mean": float(self.score(batch).mean())}
+        device = next(model.parameters()).device
+        return {"val/reward_mean": float(self.score({k: v.to(device) for k, v in batch.items()}).mean())}
 
     def tokens_in(self, batch: Batch) -> int:
         return int(batch["tokens"].numel())
@@ -194,12 +278,20 @@ def load_prompts(tokenizer: ChatTokenizer, cfg: RLHFConfig, max_seq_len: int) ->
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.rlhf
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    sft, _ = load_causal_lm("sft", tokenizer.fingerprint)
-    reference, _ = load_causal_lm("sft", tokenizer.fingerprint)
+    reference_name = str(getattr(cfg, "reference", "sft"))
+    sft, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
+    reference, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
+    check_same_architecture(sft, reference, (reference_name, reference_name))
     reward_model, _ = load_stage_model("reward", tokenizer.fingerprint, kind="scalar_head")
-    if reference.config != reward_model.config:
+    reward_config = reward_model.config
+    if (
+        reward_config.vocab_size != sft.config.vocab_size
+        or reward_config.max_seq_len < sft.config.max_seq_len
+    ):
         raise StageError(
-            f"policy/reference config {sft.config} and reward model config {reward_model.config} differ"
+            f"reward model {paths.checkpoint('reward')} (vocab {reward_config.vocab_size}, context "
+            f"{reward_config.max_seq_len}) cannot score the policy's sequences (vocab {sft.config.vocab_size}, "
+            f"context {sft.config.max_seq_len}); re-run the reward stage on this SFT model"
         )
     reference.requires_grad_(False)
     reward_model.requires_grad_(False)
@@ -215,14 +307,10 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         state_dir=paths.STATE / "rlhf",
         tracker=tracker,
         plot_csv=paths.PLOTS / "rlhf.csv",
+        on_step=alerts_at_end(
+            cfg.train.max_steps, lambda _: objective.kl_alerts(params.alerts.ppo_max_kl), params, tracker
+        ),
     )
-    kl = metrics.get("kl", 0.0)
-    found = (
-        [f"PPO KL {kl:.3f} > alerts.ppo_max_kl {params.alerts.ppo_max_kl}"]
-        if kl > params.alerts.ppo_max_kl
-        else []
-    )
-    raise_or_tag(found, params, tracker)
     # Downstream stages need a causal LM: the value head is training scaffolding and is dropped.
     policy = PolicyWithValue(Transformer(sft.config))
     policy.load_state_dict(state)
@@ -232,10 +320,10 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         policy.transformer.state_dict(),
         sft.config,
         metrics,
-        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "rlhf", "parent": "sft"},
+        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "rlhf", "parent": reference_name},
         out_dir=paths.checkpoint("rlhf"),
     )
 
 
 if __name__ == "__main__":
-    stage_main("rlhf", run)
+    training_main("rlhf", run, lambda params: params.rlhf.train)

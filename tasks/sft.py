@@ -1,7 +1,12 @@
 """Stage `sft`: supervised fine-tuning of the base model on chat conversations.
 
 Conversations are rendered with the tokenizer's chat template; the loss covers assistant tokens only
-(user and system tokens are context, not targets). Same loop as pretraining, another objective.
+(assistant content and its closing <|end|>; system, user and role tokens are context, not targets).
+Same loop as pretraining, another objective.
+
+Batches are right-padded by default (causal attention: a pad after a sequence cannot change it). With
+`sft.packing` several conversations share a row, separated by `doc_ids` (block-diagonal attention,
+positions restarting per conversation), so no compute is spent on pads and nothing leaks across them.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ from torch import nn
 from models.llama import Transformer
 from tasks import chat_data, paths
 from tasks.config import Params
-from tasks.stage import StageError, stage_main
+from tasks.launch import training_main
+from tasks.stage import StageError
 from tasks.tokens import ChatTokenizer
 from tasks.training import Batch, finish_training, load_causal_lm, train
+
+# Until tasks/config.py has `SFTConfig.packing`, this is its value.
+PACKING_DEFAULT = False
 
 
 class SupervisedChat:
@@ -31,6 +40,8 @@ class SupervisedChat:
         seed: int,
         val_fraction: float,
         eval_batches: int,
+        packing: bool = False,
+        seq_len: int = 0,
     ) -> None:
         if len(examples) < 2:
             raise StageError(f"{paths.validated('sft')} has {len(examples)} conversations; need at least 2")
@@ -39,13 +50,22 @@ class SupervisedChat:
         self.val = [examples[i] for i in val_idx]
         self.pad_id, self.batch_size, self.seed, self.eval_batches = pad_id, batch_size, seed, eval_batches
         self.rank = int(os.environ.get("RANK", "0"))
+        self.packed: list[chat_data.Packed] | None = None
+        if packing:
+            # One fixed packing of a seeded shuffle of the training set; batches then sample its rows.
+            order = np.random.default_rng([seed, 7]).permutation(len(self.train))
+            width = seq_len or max(len(e.ids) for e in self.train) - 1
+            self.packed = chat_data.pack([self.train[i] for i in order], width)
 
     def batch(self, step: int, micro_step: int, model: nn.Module) -> Batch:
-        idx = chat_data.sample(len(self.train), self.batch_size, self.seed + self.rank, step, micro_step)
+        if self.packed is not None:
+            idx = chat_data.sample(len(self.packed), self.batch_size, self.seed, step, micro_step)
+            return chat_data.packed_batch([self.packed[i] for i in idx], self.pad_id)
+        idx = chat_data.sample(len(self.train), self.batch_size, self.seed, step, micro_step)
         return chat_data.lm_batch([self.train[i] for i in idx], self.pad_id)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["x"])  # [B, T, V]
+        logits = model(batch["x"], doc_ids=batch.get("doc_ids"))  # [B, T, V]
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=chat_data.IGNORE
         )
@@ -67,7 +87,8 @@ class SupervisedChat:
         return {"val/loss": val, "val/ppl": float(np.exp(val))}
 
     def tokens_in(self, batch: Batch) -> int:
-        return int(batch["x"].numel())
+        """Real (non-pad) input tokens: pads cost compute but teach nothing, so they do not count."""
+        return int((batch["x"] != self.pad_id).sum())
 
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
@@ -83,6 +104,8 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         cfg.train.seed,
         cfg.val_fraction,
         cfg.train.eval_batches,
+        packing=bool(getattr(cfg, "packing", PACKING_DEFAULT)),
+        seq_len=seq_len,
     )
     state, metrics = train(
         model,
@@ -104,4 +127,4 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    stage_main("sft", run)
+    training_main("sft", run, lambda params: params.sft.train)

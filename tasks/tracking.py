@@ -245,3 +245,99 @@ def tag_version(registered_name: str, version: str, tags: Mapping[str, Any]) -> 
 
 def set_alias(registered_name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(registered_name, alias, version)
+
+
+# ------------------------------------------------------------------- operating: servers, registry refs
+class ModelRefError(TrackingError):
+    """A `<name>@<alias>` reference that does not resolve (unknown model, alias or version)."""
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail fast (one short request, no retries) when the tracking server does not answer.
+
+    MLflow's own client retries an unreachable server for minutes; a pipeline run must fail before its
+    first stage instead. Local stores (sqlite, file) always pass.
+    """
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it (`pipeline ui`) "
+            "or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from exc
+
+
+def run_url(run_id: str, experiment_id: str | None = None) -> str | None:
+    """The MLflow UI address of a run when the tracking store is a server, else None."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    if experiment_id is None:
+        experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_url(name: str, version: str | int) -> str | None:
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/models/{name}/versions/{version}"
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`name@alias` -> (name, alias, None); `name/3` -> (name, None, "3")."""
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise ModelRefError(f"model reference {ref!r} is not `<name>@<alias>` or `<name>/<version>`")
+
+
+def resolve_version(ref: str) -> Any:
+    """The registered model version a `name@alias` / `name/version` reference points to, or a clear error."""
+    name, alias, number = parse_model_ref(ref)
+    c = client()
+    try:
+        model = c.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        known = sorted(m.name for m in c.search_registered_models(max_results=100))
+        raise ModelRefError(
+            f"no registered model named {name!r} in {tracking_uri()}; registered: {', '.join(known) or 'none'}"
+        ) from exc
+    if alias is not None:
+        aliases = dict(model.aliases or {})
+        if alias not in aliases:
+            have = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+            raise ModelRefError(f"registered model {name!r} has no alias {alias!r}; its aliases: {have}")
+        number = str(aliases[alias])
+    try:
+        return c.get_model_version(name, str(number))
+    except mlflow.exceptions.MlflowException as exc:
+        raise ModelRefError(f"registered model {name!r} has no version {number}") from exc
+
+
+def load_registered(ref: str) -> tuple[Any, Any]:
+    """Load a registered version through MLflow (pyfunc); returns (the ChatModel instance, the version)."""
+    version = resolve_version(ref)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    return pyfunc.unwrap_python_model(), version
+
+
+def download_run_artifact(run_id: str, artifact_path: str, dst: Path) -> Path:
+    setup()
+    return Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst))
+    )

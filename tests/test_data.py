@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tasks.shards import check_tokens, load_shard, token_dtype
 from tasks.stage import StageError
 from tasks.tokens import ChatTokenizer, TokenizerMismatch
 
+REPO = Path(__file__).resolve().parents[1]
 ROLE_ORDER = re.compile(validate.ROLE_ORDER)
 SMALL_INGEST = {"max_documents": 60, "max_sft_examples": 20, "max_preference_pairs": 20}
 
@@ -443,3 +446,224 @@ def test_split_assignment_and_dtype():
     many = encode.split_assignment(4000, 3, 0.25)
     assert 0.2 < many.mean() < 0.3 and (many == encode.split_assignment(4000, 3, 0.25)).all()
     assert token_dtype(65535) == np.dtype("<u2") and token_dtype(65536) == np.dtype("<u4")
+
+
+def test_encode_shards_do_not_depend_on_batch_sizes_and_split_is_chunked(ws, monkeypatch):
+    first = tree_hashes(ws / "data" / "tokens")
+    monkeypatch.setattr(encode, "BATCH_ROWS", 7)
+    monkeypatch.setattr(encode, "BATCH_BYTES", 3000)  # many encode calls, several per record batch
+    monkeypatch.setattr(encode, "SCORE_CHUNK", 5)
+    encode.run(make_params(), None)
+    assert tree_hashes(ws / "data" / "tokens") == first
+    plan = encode.SplitPlan(23, 3, 0.3)
+    chunks = np.concatenate([plan.is_val(a, min(23, a + 4)) for a in range(0, 23, 4)])
+    assert (chunks == encode.split_assignment(23, 3, 0.3)).all()
+    assert encode.split_assignment(50, 1, 0.0).sum() == 1  # forced val, found across chunks
+    assert not encode.split_assignment(50, 1, 0.999999).all()
+    with pytest.raises(StageError, match="val_fraction=1.0"):
+        encode.SplitPlan(10, 0, 1.0)
+
+
+def test_encode_refuses_a_tokenizer_that_does_not_match_its_fingerprint(ws):
+    before = tree_hashes(ws / "data" / "tokens")
+    record = ws / "data" / "tokenizer" / "fingerprint.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "0" * 64}))
+    with pytest.raises(StageError, match="does not match .*fingerprint.json; re-run the tokenizer stage"):
+        encode.run(make_params(), None)
+    assert tree_hashes(ws / "data" / "tokens") == before
+
+
+CUSTOM_SPECIALS = {
+    "vocab_size": 400,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+    "role_tokens": ["[SYS]", "[USR]", "[BOT]", "[EOT]"],
+}
+
+
+def test_tokenizer_special_tokens_come_from_params_and_match_transformers(ws):
+    from transformers import AutoTokenizer
+
+    fingerprint = tokenizer.run(make_params(tokenizer=CUSTOM_SPECIALS), None)
+    assert fingerprint["special_tokens"] == {
+        "pad": "<pad>",
+        "bos": "<s>",
+        "eos": "</s>",
+        "system": "[SYS]",
+        "user": "[USR]",
+        "assistant": "[BOT]",
+        "end": "[EOT]",
+    }
+    for where in (ws / "data" / "tokenizer", ws / "data" / "tokenizer" / "tokenizer.json"):
+        chat = ChatTokenizer.load(where)
+        assert (chat.pad_id, chat.bos_id, chat.eos_id, chat.end_id) == (0, 1, 2, 6)
+        assert chat.tokenizer.id_to_token(chat.bos_id) == "<s>"
+    bare = ws / "bare" / "tokenizer.json"  # a registered model's artifact: tokenizer.json alone
+    bare.parent.mkdir()
+    shutil.copy(ws / "data" / "tokenizer" / "tokenizer.json", bare)
+    assert ChatTokenizer.load(bare).specials == chat.specials
+
+    auto = AutoTokenizer.from_pretrained(str(ws / "data" / "tokenizer"))
+    assert (auto.bos_token, auto.eos_token, auto.pad_token, auto.pad_token_id) == ("<s>", "</s>", "<pad>", 0)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What does <|user|> mean here?"},  # a default token is plain text now
+        {"role": "assistant", "content": "Nothing special."},
+    ]
+    for gen in (False, True):
+        ids, mask = chat.render_chat(messages, add_generation_prompt=gen)
+        assert list(auto.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)) == ids
+    rendered = chat.decode(ids, skip_special_tokens=False)
+    assert rendered.startswith("<s>[SYS]Be brief.[EOT][USR]What does <|user|>") and rendered.endswith("[BOT]")
+    assert chat.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Nothing special."
+    with pytest.raises(Exception, match="role tool is not one of"):
+        auto.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+    # encode uses the recorded bos/eos, not the defaults
+    index = encode.run(make_params(), None)
+    train = load_shard("train")
+    assert train[0] == chat.bos_id and (train == chat.eos_id).sum() == index["train_docs"]
+
+
+def test_tokenizer_bad_special_tokens_fail_before_writing(ws):
+    before = tree_hashes(ws / "data" / "tokenizer")
+    with pytest.raises(StageError, match=r"role_tokens must list 4 tokens"):
+        tokenizer.run(make_params(tokenizer={"role_tokens": ["<|user|>", "<|assistant|>"]}), None)
+    with pytest.raises(StageError, match=r"special tokens must be distinct"):
+        tokenizer.run(make_params(tokenizer={"bos_token": "<|eos|>"}), None)
+    assert tree_hashes(ws / "data" / "tokenizer") == before
+
+
+# ------------------------------------------------------------------------------ subprocess-level checks
+QA = ("What does json.dumps do exactly, please?", "It serializes an object to a JSON string.")
+
+
+def small_chat_sources(root: Path) -> dict:
+    """Tiny SFT and preference files, so a subprocess does not pay for deriving the embedded ones."""
+    q, a = QA
+    sft = write_jsonl(
+        root / "sft.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"{q} {i}"}, {"role": "assistant", "content": a}]}
+            for i in range(12)
+        ],
+    )
+    pref = write_jsonl(
+        root / "pref.jsonl",
+        [{"prompt": f"{q} {i}", "chosen": a, "rejected": f"No idea {i}."} for i in range(12)],
+    )
+    return {
+        "sft": files_source(sft, text_field="messages"),
+        "preference": files_source(pref, text_field="prompt"),
+    }
+
+
+HUGE_LINE = """
+import json, sys
+import datasets  # imported before the baseline: its import is not the cost of the line
+from tasks import ingest
+from tasks.config import Params, build
+
+def rss_mb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+out = []
+for cfg in json.loads(sys.argv[1]):
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak (VmHWM) to the current RSS
+    base = rss_mb("VmRSS")
+    summary = ingest.run(build(Params, {"ingest": cfg}), None)
+    out.append({**summary["pretrain"], "peak_over_base_mb": rss_mb("VmHWM") - base})
+print(json.dumps(out))
+"""
+
+
+def test_ingest_drops_a_single_50mb_line_as_too_long_in_bounded_memory(tmp_path):
+    """A 50 MB line (jsonl) and a 50 MB txt file: counted as too_long (decided: the length filter drops
+    it, before any pass over its text), without hanging and without a memory blow-up."""
+    huge = "word " * 10_000_000  # 50 MB, one line
+    lines = [json.dumps({"text": f"{GOOD_1} {i}"}) for i in range(5)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl").write_text(
+        "\n".join([*lines[:2], json.dumps({"text": huge}), *lines[2:]])
+    )
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text(GOOD_2)
+    (tmp_path / "txt" / "b.txt").write_text(huge)
+    del huge
+    sources = small_chat_sources(tmp_path)
+    cfgs = [
+        {**sources, "pretrain": files_source(p)} for p in (tmp_path / "in" / "docs.jsonl", tmp_path / "txt")
+    ]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(
+        [sys.executable, "-c", HUGE_LINE, json.dumps(cfgs)],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jsonl, txt = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (jsonl["rows_in"], jsonl["rows_kept"], jsonl["dropped"]["too_long"]) == (6, 5, 1), jsonl
+    assert (txt["rows_in"], txt["rows_kept"], txt["dropped"]["too_long"]) == (2, 1, 1), txt
+    # `datasets` holds the line ~8 times over (file chunks, retried arrow blocks, table, str); our txt reader
+    # twice (bytes, str); the filters add no copy. A constant times the longest line, not the file
+    assert jsonl["peak_over_base_mb"] < 10 * 50 and txt["peak_over_base_mb"] < 4 * 50, (jsonl, txt)
+    assert (
+        max(len(t) for t in pq.read_table(tmp_path / "data/raw/pretrain.parquet")["text"].to_pylist()) < 100
+    )
+
+
+DETERMINISM = """
+import json, shutil, sys
+from pathlib import Path
+from tasks import encode, ingest, tokenizer
+from tasks.config import Params, build
+params = build(Params, json.loads(sys.argv[1]))
+ingest.run(params, None)
+shutil.copytree("data/raw", "data/validated")  # validate copies these bytes (tested above); GX skipped here
+tokenizer.run(params, None)
+encode.run(params, None)
+"""
+
+
+def test_two_runs_in_separate_processes_give_identical_bytes(tmp_path, monkeypatch):
+    """Same input -> identical parquet, tokenizer and shard hashes: one run here, one in a fresh process
+    with another hash seed and a single encoder thread."""
+    sources = small_chat_sources(tmp_path)
+    cfg = {"ingest": {**sources, "max_documents": 100}, "tokenizer": {"vocab_size": 500}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PIPELINE_LOG_LEVEL": "WARNING",
+        "PYTHONHASHSEED": "12345",
+        "RAYON_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DETERMINISM, json.dumps(cfg)],
+        cwd=tmp_path / "a",
+        env=full_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    monkeypatch.chdir(tmp_path / "b")
+    params = build(Params, cfg)
+    ingest.run(params, None)
+    shutil.copytree("data/raw", "data/validated")
+    tokenizer.run(params, None)
+    encode.run(params, None)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    hashes = [
+        {d: tree_hashes(tmp_path / n / "data" / d) for d in ("raw", "tokenizer", "tokens")} for n in "ab"
+    ]
+    assert hashes[0] == hashes[1]
+    assert set(hashes[0]["raw"]) == {"pretrain.parquet", "sft.parquet", "preference.parquet", "summary.json"}
+    assert {"tokenizer.json", "tokenizer_config.json", "fingerprint.json"} <= set(hashes[0]["tokenizer"])
+    assert {"train.bin", "val.bin", "index.json"} <= set(hashes[0]["tokens"])

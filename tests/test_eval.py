@@ -12,6 +12,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from models.checkpoint import save_checkpoint
 from models.config import ModelConfig
 from models.heads import ScalarHeadModel
 from models.llama import Transformer
-from tasks import mmlu, perplexity
+from tasks import chat_data, mmlu, perplexity
 from tasks.tokens import ChatTokenizer
 
 MMLU_DIR = Path(__file__).resolve().parents[2] / "shared" / "mmlu"
@@ -365,11 +367,25 @@ def make_workspace(root: Path, tok: ChatTokenizer, vocab: int = 1024) -> None:
     }
     (root / "data/tokens/index.json").write_text(json.dumps(index))
     meta = {"tokenizer_fingerprint": tok.fingerprint}
-    for i, name in enumerate(("base", "sft")):
+    for i, name in enumerate(("base", "sft", "dpo")):
         m = tiny_model(vocab, 512, seed=10 + i)
         save_checkpoint(root / "data/checkpoints" / name, m, m.config, meta={**meta, "stage": name})
     reward = ScalarHeadModel(tiny_model(vocab, 512))
     save_checkpoint(root / "data/checkpoints/reward", reward, reward.config, meta=meta)
+    (root / "data/validated").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(preference_rows(40)), root / "data/validated/preference.parquet")
+
+
+def preference_rows(n: int) -> list[dict]:
+    words = ["encode", "decode", "parse", "dump", "load", "scan", "quote", "split"]
+    return [
+        {
+            "prompt": f"What does {words[i % 8]} do with item {i}?" + " Explain." * (i % 3),
+            "chosen": f"It will {words[i % 8]} item {i}.",
+            "rejected": f"zq {i} kk",
+        }
+        for i in range(n)
+    ]
 
 
 @needs_mmlu
@@ -390,10 +406,27 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
             ppl_stride=16,
         )
     )
+    params.evaluate.winrate_prompts, params.evaluate.max_new_tokens = 3, 6
     tracker = Recorder()
     summary = evaluate.run(params, tracker)
-    assert {k.split("/")[0] for k in summary} == {"base", "sft"}  # the reward model is not an LM
+    assert {k.split("/")[0] for k in summary} == {"base", "sft", "dpo"}  # the reward model is not an LM
     assert {"base/mmlu_acc", "base/ppl", "base/bpb", "sft/mmlu_acc_stem"} <= set(summary)
+    # Win rate: the policies only (not base); SFT against itself is exactly a tie on every prompt.
+    assert "base/winrate_vs_sft" not in summary and summary["sft/winrate_vs_sft"] == 0.5
+    dpo = read_json(Path("data/eval/dpo.json"))
+    sft = read_json(Path("data/eval/sft.json"))
+    assert sft["winrate"]["n_identical"] == sft["winrate"]["n_prompts"] == 3
+    wins = [p["win"] for p in dpo["winrate"]["per_prompt"]]
+    assert summary["dpo/winrate_vs_sft"] == sum(wins) / 3 == dpo["scores"]["winrate_vs_sft"]
+    for p in dpo["winrate"]["per_prompt"]:
+        r, ref = p["reward"], p["reference_reward"]
+        assert p["win"] == (0.5 if r == ref else float(r > ref))
+    rows = dpo["protocol"]["winrate"]["rows"]
+    assert rows == sft["protocol"]["winrate"]["rows"] and len(rows) == 3
+    held = set(chat_data.split(40, 0.1, params.reward.train.seed)[1].tolist())
+    assert set(rows) <= held  # never a prompt the preference stages trained on
+    assert tracker.metrics["dpo/winrate_vs_sft"] == summary["dpo/winrate_vs_sft"]
+    assert "winrate_vs_sft" in Path("data/eval/comparison.md").read_text()
     assert read_json(Path("data/eval/summary.json")) == pytest.approx(summary) and tracker.metrics == summary
     base = read_json(Path("data/eval/base.json"))
     assert base["mmlu"]["n_items"] == 8 and base["mmlu"]["k_shot"] == 2 and base["mmlu"]["split"] == "val"
@@ -403,6 +436,9 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
         and base["scores"]["ppl/val"] == summary["base/ppl"]
     )
     assert base["tokenizer_fingerprint"] == bpe.fingerprint and "n_truncated" in base["mmlu"]
+    assert base["protocol"]["mmlu"]["tokenizer_fingerprint"] == bpe.fingerprint
+    assert base["protocol"]["mmlu"]["fewshot_policy"].startswith("truncate")
+    assert all(it["k_used"] == 2 and it["truncated_tokens"] == 0 for it in base["mmlu"]["items"])
     assert "| sft |" in Path("data/eval/comparison.md").read_text()
     assert Path("data/eval/comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert {"summary.json", "comparison.md", "comparison.png", "base.json"} <= set(tracker.artifacts)
@@ -421,3 +457,176 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(bpe, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StageError, match=r"data/checkpoints/base: model vocab_size 512"):
         evaluate.run(Params(), None)
+
+
+def test_bad_fingerprint_policy_and_empty_split_dir_are_clear_errors(bpe, tmp_path, monkeypatch):
+    from tasks import evaluate
+    from tasks.config import EvaluateConfig, Params
+    from tasks.stage import StageError
+
+    make_workspace(tmp_path, bpe)
+    monkeypatch.chdir(tmp_path)
+    bad = EvaluateConfig()
+    setattr(bad, "fewshot_policy", "drop")  # noqa: B010 (a field of EvaluateConfig once the lead adds it)
+    with pytest.raises(StageError, match=r"evaluate.fewshot_policy: .*one of truncate, reduce, got 'drop'"):
+        evaluate.run(Params(evaluate=bad), None)
+    cfg = Path("data/checkpoints/dpo/config.json")
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "tokenizer_fingerprint": "f" * 64}))
+    with pytest.raises(StageError, match=r"data/checkpoints/dpo was trained with tokenizer ffffffffffff"):
+        evaluate.run(Params(), None)
+    (tmp_path / "mmlu/val").mkdir(parents=True)
+    with pytest.raises(mmlu.MMLUDataError, match=r"mmlu/val: no \{subject\}_val\.csv files"):
+        mmlu.load_mmlu(str(tmp_path / "mmlu"), "val")
+
+
+# ------------------------------------------------------------------------------------------- few-shot policy
+@needs_mmlu
+def test_reduce_policy_uses_the_most_shots_that_fit_and_records_them(bpe):
+    """Under "reduce" every item gets the largest k' <= k whose prompt fits (checked here by encoding the
+    independent reference prompt), scores equal a direct forward of that prompt, and nothing is truncated
+    while a 0-shot prompt fits; under "truncate" the same items are cut from the left, recorded per item."""
+    data = mmlu.load_mmlu(
+        str(MMLU_DIR), "val", ["astronomy", "world_religions"], k_shot=5, max_items_per_subject=6
+    )
+    max_len = 400
+    model = tiny_model(1024, max_len, seed=5)
+
+    def prompt_ids(it, k):
+        return [bpe.bos_id] + bpe.encode(reference_prompt(it, data.shots[it.subject][:k]))
+
+    expect_k = [
+        max([0] + [k for k in range(6) if len(prompt_ids(it, k)) + 1 <= max_len + 1]) for it in data.items
+    ]
+    assert (
+        min(expect_k) > 0 and max(expect_k) < 5 and len(set(expect_k)) > 1
+    )  # the test covers real reductions
+    res = mmlu.score_items(model, bpe, data.items, 5, 4, shots=data.shots, fewshot_policy="reduce")
+    assert res["k_used"] == expect_k and res["n_reduced"] == len(data.items)
+    assert res["truncated_tokens"] == [0] * len(data.items) and res["n_truncated"] == 0
+    letters = [bpe.encode(" " + c)[0] for c in "ABCD"]
+    for it, k, ll in zip(data.items, expect_k, res["loglikelihoods"], strict=True):
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt_ids(it, k)]))[0, -1].log_softmax(-1)
+        assert np.abs(np.array(ll) - logp[letters].numpy()).max() < 1e-4
+
+    cut = mmlu.score_items(model, bpe, data.items, 5, 4, shots=data.shots, fewshot_policy="truncate")
+    assert cut["k_used"] == [5] * len(data.items) and cut["n_reduced"] == 0
+    assert cut["truncated_tokens"] == [len(prompt_ids(it, 5)) - max_len for it in data.items]
+    assert cut["n_truncated"] == len(data.items)
+    ctx, conts = mmlu.encode_requests(bpe, ["x\nAnswer:  "], mmlu.PROTOCOL["choices"])[0]
+    assert ctx == bpe.encode("x\nAnswer:") and conts == [
+        bpe.encode("  " + c) for c in mmlu.PROTOCOL["choices"]
+    ]
+
+
+# ------------------------------------------------------------------------------------------- win rate
+def chat_prompts(tok: ChatTokenizer, n: int) -> list[list[int]]:
+    return [
+        tok.render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
+        for r in preference_rows(n)
+    ]
+
+
+def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens, one prompt at a time, the full sequence re-run every step (no cache, no batch)."""
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def up_to_stop(tokens: list[int], stop: list[int]) -> list[int]:
+    """A greedy response with stop tokens is the free-running one cut after its first stop token."""
+    return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in stop), tokens)
+
+
+def untied_model(seed: int, max_len: int = 96) -> Transformer:
+    """A random model with its own output head: greedy decoding from it varies (a tied random model repeats
+    its last input token forever, so every policy would give the same response)."""
+    torch.manual_seed(seed)
+    model = Transformer(
+        ModelConfig(
+            vocab_size=1024,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=64,
+            max_seq_len=max_len,
+            tie_embeddings=False,
+        )
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model.eval()
+
+
+def test_win_rate_matches_direct_greedy_and_reward_loop(bpe):
+    from tasks import evaluate
+
+    prompts = chat_prompts(bpe, 6)  # prompts of several lengths: batched generation by length is exercised
+    policy, reference = untied_model(21), untied_model(22)
+    reward = ScalarHeadModel(untied_model(24)).eval()
+    with torch.no_grad():
+        reward.value_head.weight.mul_(50)
+    free = [naive_greedy(policy, p, 10) for p in prompts]
+    stop = [free[2][-1], free[4][6]]  # tokens the policy really emits: rows must stop at them
+    got = evaluate.greedy_responses(policy, prompts, 10, stop, bpe.pad_id, batch_size=4)
+    assert got == [up_to_stop(f, stop) for f in free] and len(got[4]) <= 7 and got[4][-1] in stop
+    assert any(len(g) == 10 and g[-1] not in stop for g in got)  # and rows that never stop run to the limit
+
+    stop = [bpe.end_id, bpe.eos_id]
+    pol = [up_to_stop(f[:8], stop) for f in free]
+    ref = [up_to_stop(naive_greedy(reference, p, 8), stop) for p in prompts]
+
+    def alone(seq):  # reward of one unpadded sequence at its last token
+        with torch.no_grad():
+            return float(reward(torch.tensor([seq]))[0, -1])
+
+    wins = []
+    for p, a, b in zip(prompts, pol, ref, strict=True):
+        ra, rb = alone(p + a), alone(p + b)
+        assert abs(ra - rb) > 1e-4  # no near-ties: the decision below is not a rounding accident
+        wins.append(float(ra > rb))
+    harness = evaluate.WinRate(prompts, list(range(6)), reward, reference, bpe, 8, {})
+    res = harness.evaluate("policy", policy)
+    assert [r["win"] for r in res["per_prompt"]] == wins and res["winrate"] == sum(wins) / 6
+    assert 0 < res["winrate"] < 1  # both outcomes occur
+    assert (
+        max(abs(r["reward"] - alone(p + a)) for r, p, a in zip(res["per_prompt"], prompts, pol, strict=True))
+        < 1e-4
+    )
+    # The reference against itself (another copy of its weights) ties everywhere; swapping sides mirrors.
+    twin = untied_model(22)
+    assert harness.evaluate("sft", twin)["winrate"] == 0.5
+    swapped = evaluate.WinRate(prompts, list(range(6)), reward, policy, bpe, 8, {}).evaluate("ref", reference)
+    assert [r["win"] for r in swapped["per_prompt"]] == [1 - w for w in wins]
+
+
+def test_heldout_rows_exclude_every_training_split():
+    from tasks import evaluate
+    from tasks.config import Params, resolve_params
+
+    params = resolve_params("tiny", [])
+    lengths = [10 + (i % 50) for i in range(200)]  # rlhf drops the prompts longer than 128 - 12 = 116: none
+    rows, how = evaluate.heldout_rows(params, lengths, 128)
+    assert rows and how.startswith("intersection")
+    for val_fraction, seed in (
+        (params.reward.val_fraction, params.reward.train.seed),
+        (0.1, params.rlhf.train.seed),
+    ):
+        train, _ = chat_data.split(200, val_fraction, seed)
+        assert not set(rows) & set(train.tolist())
+    lengths = [10] * 150 + [200] * 50  # rlhf splits only the 150 prompts that fit: its indices map to rows
+    rows, how = evaluate.heldout_rows(params, lengths, 128)
+    assert rows and how.startswith("intersection")
+    rlhf_train = chat_data.split(150, 0.1, params.rlhf.train.seed)[0]
+    assert max(rows) < 150 and not set(rows) & set(rlhf_train.tolist())
+    assert not set(rows) & set(chat_data.split(200, 0.1, params.dpo.train.seed)[0].tolist())
+    other = Params()
+    other.dpo.train.seed = 7
+    other.rlhf.train.seed = 8
+    rows, how = evaluate.heldout_rows(other, [10] * 20, 128)  # 2 of 20 held out each: disjoint here
+    assert how.startswith("reward stage") and rows == sorted(
+        chat_data.split(20, 0.1, other.reward.train.seed)[1]
+    )

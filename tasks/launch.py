@@ -1,0 +1,111 @@
+"""Entry point of a training stage: one process, or N under torchrun when train.world_size > 1.
+
+`python -m tasks.pretrain` with `pretrain.train.world_size: N` re-executes itself as
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m tasks.pretrain
+
+(gloo on CPU, nccl on GPU: chosen by tasks.training.init_distributed). Under any launcher (torchrun,
+the DeepSpeed launcher with a hostfile, SLURM + torchrun) RANK is already set, so nothing is re-executed
+and world_size in params is not consulted: the launcher decides. Only rank 0 opens the MLflow run and
+writes outputs; ranks > 0 run the same code with no tracker.
+
+Multi-node (the DeepSpeed launcher, passwordless ssh to every host, the same checkout, venv and a shared
+filesystem for data/ on each):
+
+    # hostfile: one line per node, "<hostname> slots=<GPUs on it>"
+    deepspeed --hostfile hostfile --master_addr node1 --module tasks.pretrain
+
+This module stays light (no torch import): a bad config fails before torch, DeepSpeed or MLflow load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tasks.config import ConfigError, Params, TrainConfig, load_params
+from tasks.stage import StageError, setup_logging, stage_main
+
+log = logging.getLogger(__name__)
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def check_train_config(cfg: TrainConfig, where: str = "train") -> None:
+    """ConfigError naming the key for values the loop cannot run with (checked before anything starts)."""
+    if cfg.zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"{where}.zero_stage={cfg.zero_stage} is not a ZeRO stage (0, 1, 2 or 3)")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "world_size"):
+        value = getattr(cfg, key)
+        if value <= 0:
+            raise ConfigError(f"{where}.{key} must be positive, got {value}")
+    if cfg.log_every <= 0:
+        raise ConfigError(f"{where}.log_every must be positive, got {cfg.log_every}")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def launcher_command(module: str, world_size: int) -> list[str]:
+    """torchrun on this host: N processes, a free rendezvous port, RANK/WORLD_SIZE/... set for each."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world_size}",
+        "-m",
+        module,
+    ]
+
+
+def relaunch(module: str, world_size: int) -> None:
+    """Replace this process by torchrun running `module` on world_size processes (does not return)."""
+    cmd = launcher_command(module, world_size)
+    env = dict(os.environ)
+    # N processes share the cores: give each its slice (torchrun would default to 1 thread each).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    # N processes on shared cores: OpenMP threads that spin at barriers would steal them from each other.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    log.info("world_size=%d: relaunching as %s", world_size, " ".join(cmd[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
+
+
+def training_main(
+    name: str,
+    run: Callable[[Params, Any], dict[str, Any] | None],
+    train_config: Callable[[Params], TrainConfig],
+    check: Callable[[Params], None] | None = None,
+) -> None:
+    """`__main__` of a training stage: check params, relaunch under torchrun if needed, track in rank 0."""
+    setup_logging()
+    try:
+        params = load_params()
+        cfg = train_config(params)
+        check_train_config(cfg, f"{name}.train")
+        if check is not None:
+            check(params)
+    except (ConfigError, StageError) as exc:
+        log.error("stage %s failed: %s", name, exc)
+        sys.exit(1)
+    if "RANK" not in os.environ and cfg.world_size > 1:
+        relaunch(f"tasks.{name}", cfg.world_size)
+    if rank() == 0:
+        stage_main(name, run)
+        return
+    # Ranks > 0: the same work with no MLflow run (rank 0 owns the records) and quieter logs.
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run(params, None)
+    except (ConfigError, StageError) as exc:
+        log.error("stage %s failed on rank %d: %s", name, rank(), exc)
+        sys.exit(1)
+    except Exception as exc:
+        log.error("stage %s failed on rank %d: %s: %s", name, rank(), type(exc).__name__, exc, exc_info=True)
+        sys.exit(1)

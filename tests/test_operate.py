@@ -1,0 +1,557 @@
+"""Operating the pipeline with real servers on loopback.
+
+One module-scoped setup: `pipeline ui` starts a real Prefect server and a real MLflow server (free ports,
+temp PREFECT_HOME, temp sqlite store and artifact dir); `pipeline deploy` serves the flow as a
+deployment; the tiny pipeline runs through it twice: first with the register stage broken (it fails,
+is retried, the flow run fails), then fixed (upstream stages are skipped, register runs). Every test
+below reads what those runs left: Prefect flow/task runs and the markdown artifact, MLflow parent/child
+runs, registered versions with lineage and aliases; then serving, chat through a pseudo-terminal,
+export, replay, and bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.deploy import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["ingest", "validate", "tokenizer", "encode", "pretrain", "sft", "reward", "dpo", "rlhf", "evaluate"]
+MODELS = ["base", "sft", "reward", "dpo", "rlhf"]
+DEPLOYMENT = "llm-pipeline/test"
+CRON = "0 3 1 1 *"
+SERVING: dict[str, subprocess.Popen] = {}
+
+pytestmark = pytest.mark.e2e
+
+
+class Lines:
+    """A subprocess's merged output, read by a thread, so a test can wait for a line without blocking."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines, self.queue = proc, [], queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self.queue.put(line)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                line = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not seen in {timeout}s; output:\n{''.join(self.lines)[-4000:]}")
+
+
+def spawn(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The project in a temp git+DVC repo, tiny params, committed (what lineage tags point at)."""
+    root = tmp_path_factory.mktemp("operate") / "project"
+    root.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for item in ("flows", "tasks", "models", "conf", "data/mmlu"):
+        shutil.copytree(REPO / item, root / item, ignore=ignore)
+    for item in ("dvc.yaml", "pyproject.toml", ".gitignore"):
+        shutil.copy(REPO / item, root / item)
+    with (root / ".gitignore").open("a") as f:
+        f.write("\n/.pipeline/\n")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        [sys.executable, "-m", "flows.cli", "params", "--profile", "tiny"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "tiny project"],
+    ):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ui(project, tmp_path_factory):
+    """`pipeline ui` on two free loopback ports; the last test stops it with SIGINT."""
+    tmp = tmp_path_factory.mktemp("servers")
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_HOME=str(tmp / "prefect-home"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("PREFECT_API_URL", None)
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    proc = spawn(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "ui",
+            "--prefect-port",
+            str(ports["prefect"]),
+            "--mlflow-port",
+            str(ports["mlflow"]),
+            "--mlflow-store",
+            f"sqlite:///{tmp / 'mlflow.db'}",
+            "--artifacts",
+            str(tmp / "artifacts"),
+        ],
+        project,
+        env,
+    )
+    out = Lines(proc)
+    out.wait_for("ready", timeout=300)
+    state = json.loads((project / ".pipeline/ui.json").read_text())
+    yield {"proc": proc, "out": out, "ports": ports, "state": state, "env": env}
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def env(project, ui) -> dict[str, str]:
+    """The environment of `pipeline` commands pointed at the servers (as a user's shell would be)."""
+    state = ui["state"]
+    return dict(
+        ui["env"],
+        PREFECT_API_URL=state["prefect_api_url"],
+        MLFLOW_TRACKING_URI=state["mlflow_tracking_uri"],
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
+
+
+@pytest.fixture(scope="module")
+def clients(env):
+    """Prefect (sync) and MLflow clients of the servers, for this module only."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        with (
+            temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+            get_client(sync_client=True) as pc,
+        ):
+            yield pc, MlflowClient()
+
+
+@pytest.fixture(scope="module")
+def deployment(project, env, clients):
+    """`pipeline deploy --cron ...`: creates the deployment and serves its runs in this working tree."""
+    prefect, _ = clients
+    proc = spawn(
+        [sys.executable, "-m", "flows.cli", "deploy", "--profile", "tiny", "--name", "test", "--cron", CRON],
+        project,
+        env,
+    )
+    out = Lines(proc)
+    deadline = time.time() + 180
+    while True:
+        try:
+            dep = prefect.read_deployment_by_name(DEPLOYMENT)
+            break
+        except Exception:
+            assert proc.poll() is None and time.time() < deadline, "".join(out.lines)[-4000:]
+            time.sleep(1)
+    SERVING["deploy"] = proc  # the last test stops it before the servers
+    yield dep
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def runs(project, clients, deployment):
+    """Run 1: register broken (fails, retried once with backoff, flow run fails). Run 2: fixed, resumes."""
+    from prefect.deployments import run_deployment
+
+    register = project / "tasks/register.py"
+    original = register.read_text()
+    broken = original.replace('stage_main("register", run)', 'raise SystemExit("injected failure")')
+    assert broken != original
+    params = {"profile": "tiny", "retries": 1, "retry_delay_seconds": 0.5}
+    register.write_text(broken)
+    try:
+        first = run_deployment(DEPLOYMENT, parameters=params, timeout=900, poll_interval=2)
+    finally:
+        register.write_text(original)
+    second = run_deployment(DEPLOYMENT, parameters=params, timeout=900, poll_interval=2)
+    return first, second
+
+
+def task_runs(prefect, flow_run) -> dict:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    return {t.name: t for t in runs}
+
+
+def summary_artifact(prefect, flow_run) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    arts = prefect.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["pipeline-summary"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
+        )
+    )
+    assert len(arts) == 1
+    return arts[0].data
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_ui_prints_urls_and_binds_loopback(ui):
+    ports = ui["ports"]
+    text = "".join(ui["out"].lines)
+    assert f"Prefect UI: http://127.0.0.1:{ports['prefect']}" in text
+    assert f"MLflow UI:  http://127.0.0.1:{ports['mlflow']}" in text
+    assert f"export PREFECT_API_URL=http://127.0.0.1:{ports['prefect']}/api" in text
+    assert answers(f"http://127.0.0.1:{ports['prefect']}/api/health")
+    assert answers(f"http://127.0.0.1:{ports['mlflow']}/health")
+    assert ui["state"]["mlflow_tracking_uri"] == f"http://127.0.0.1:{ports['mlflow']}"
+
+
+def test_deployment_has_typed_parameters_and_schedule(deployment):
+    schema = deployment.parameter_openapi_schema
+    props = schema["properties"]
+    assert {"profile", "overrides", "stages", "force", "retries", "retry_delay_seconds"} <= set(props)
+    assert props["force"]["type"] == "boolean"
+    assert props["retries"]["minimum"] == 0 and props["retries"]["type"] == "integer"
+    assert deployment.enforce_parameter_schema
+    assert deployment.parameters["profile"] == "tiny"
+    assert [s.schedule.cron for s in deployment.schedules] == [CRON]
+
+
+def test_bad_deployment_parameter_is_refused(clients, deployment):
+    prefect, _ = clients
+    for bad in ({"retries": -1}, {"overrides": ["no-equals-sign"]}, {"force": "sometimes"}):
+        with pytest.raises(Exception, match="(?i)validation") as info:
+            prefect.create_flow_run_from_deployment(deployment.id, parameters=bad)
+        assert list(bad)[0] in str(info.value)
+        print(info.value)
+
+
+def test_failed_stage_is_retried_then_rerun_resumes_from_it(runs, clients):
+    prefect, _ = clients
+    first, second = runs
+    assert first.state.is_failed(), first.state
+    tasks = task_runs(prefect, first)
+    assert set(tasks) == {*STAGES, "register"}
+    assert all(tasks[s].state.is_completed() for s in STAGES)
+    assert tasks["register"].state.is_failed() and tasks["register"].run_count == 2  # 1 retry
+    assert "**Failed:** stage `register`" in summary_artifact(prefect, first)
+
+    assert second.state.is_completed(), second.state
+    results = prefect.read_flow_run(second.id).state
+    tasks = task_runs(prefect, second)
+    assert set(tasks) == {*STAGES, "register"} and all(t.state.is_completed() for t in tasks.values())
+    assert results.is_completed()
+    summary = summary_artifact(prefect, second)
+    for stage in STAGES:
+        assert f"| {stage} | skipped |" in summary
+    assert "| register | ran |" in summary
+
+
+def test_summary_artifact_has_metrics_and_links(runs, clients, env):
+    prefect, mlflow_client = clients
+    summary = summary_artifact(prefect, runs[1])
+    assert "## Key metrics" in summary and "| pretrain |" in summary
+    assert f"]({env['MLFLOW_TRACKING_URI']}/#/experiments/" in summary
+    assert f"[pipeline-sft v1]({env['MLFLOW_TRACKING_URI']}/#/models/pipeline-sft/versions/1)" in summary
+
+
+def test_mlflow_parent_and_child_runs(runs, clients):
+    _, client = clients
+    exp = client.get_experiment_by_name("llm-pipeline")
+    all_runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = sorted(
+        (r for r in all_runs if r.data.tags.get("pipeline.flow") == "prefect"),
+        key=lambda r: r.info.start_time,
+    )
+    assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]
+
+    def children(parent):
+        kids = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        return sorted(r.data.tags["pipeline.stage"] for r in kids)
+
+    assert children(parents[0]) == sorted(STAGES)  # register failed before opening a run
+    assert children(parents[1]) == ["register"]  # the rest was skipped by DVC: no new runs
+
+
+def test_registered_versions_carry_lineage_and_aliases(runs, clients, project):
+    _, client = clients
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout
+    for model in MODELS:
+        name = f"pipeline-{model}"
+        version = client.get_model_version_by_alias(name, "champion")
+        assert version.version == "1"
+        assert client.get_model_version_by_alias(name, "candidate").version == "1"
+        tags = version.tags
+        assert tags["git.commit"] == head.strip() and tags["git.dirty"] == "false"
+        assert len(tags["weights_sha256"]) == 64 and tags["tokenizer_fingerprint"]
+        assert tags["params.artifact"].endswith("/lineage/params.yaml") and tags["params.sha256"]
+        assert any(k.startswith("dvc.deps.data/") for k in tags) and any(
+            k.startswith("params.") for k in tags
+        )
+        assert tags["champion.decision"].startswith("promoted: no champion yet")
+    assert "mmlu/acc" in json.dumps(client.get_model_version("pipeline-sft", "1").tags)
+
+
+def test_gate():
+    from tasks.config import RegisterConfig
+    from tasks.register import gate
+
+    cfg = RegisterConfig(max_mmlu_drop=0.02, max_ppl_increase=0.10)
+    champion = {"mmlu/acc": 0.40, "ppl/val": 20.0}
+    assert gate({"mmlu/acc": 0.30, "ppl/val": 20.0}, champion, cfg)[0] is False
+    assert gate({"mmlu/acc": 0.40, "ppl/val": 23.0}, champion, cfg)[0] is False
+    assert gate({"mmlu/acc": 0.39, "ppl/val": 21.0}, champion, cfg)[0] is True  # within both margins
+    ok, reason = gate({"mmlu/acc": 0.45, "ppl/val": 18.0}, champion, cfg)
+    assert ok and "0.4500 vs 0.4000" in reason
+    assert gate({"mmlu/acc": 0.1}, {}, cfg) == (True, "no champion yet")
+
+
+def test_worse_candidate_stays_candidate_better_becomes_champion(runs, clients):
+    from tasks.config import RegisterConfig
+    from tasks.register import promote, scores_from_tags
+
+    _, client = clients
+    name = "pipeline-dpo"
+    v1 = client.get_model_version_by_alias(name, "champion")
+    base = scores_from_tags(v1.tags)
+    assert "mmlu/acc" in base and "ppl/val" in base
+    worse = {**base, "mmlu/acc": base["mmlu/acc"] - 0.2, "ppl/val": base["ppl/val"] * 1.5}
+    better = {**base, "mmlu/acc": base["mmlu/acc"] + 0.1, "ppl/val": base["ppl/val"] * 0.9}
+    cfg = RegisterConfig()
+    for scores, promoted in ((worse, False), (better, True)):
+        model_id = v1.model_id or v1.source.rsplit("/", 1)[-1]  # source is models:/<logged model id>
+        new = client.create_model_version(name, v1.source, run_id=v1.run_id, model_id=model_id)
+        ok, decision = promote(name, new.version, scores, cfg)
+        assert ok is promoted
+        assert client.get_model_version_by_alias(name, "candidate").version == new.version
+        champion = client.get_model_version_by_alias(name, "champion").version
+        assert champion == (new.version if promoted else v1.version)
+        recorded = client.get_model_version(name, new.version).tags
+        assert recorded["champion.decision"] == decision and f"vs champion v{v1.version}" in decision
+        assert recorded["eval.mmlu/acc"] == str(scores["mmlu/acc"])
+
+
+def test_mlflow_models_serve_answers_chat_over_http(runs, project, env):
+    port = free_port()
+    proc = spawn(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/pipeline-sft@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        project,
+        env,
+    )
+    out = Lines(proc)
+    try:
+        deadline = time.time() + 180
+        while not answers(f"http://127.0.0.1:{port}/ping"):
+            assert proc.poll() is None and time.time() < deadline, "".join(out.lines)[-4000:]
+            time.sleep(0.5)
+
+        def invoke(body: dict) -> tuple[int, dict]:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        messages = [{"role": "user", "content": "What does json.dumps do?"}]
+        status, answer = invoke({"inputs": [{"messages": messages}], "params": {"max_new_tokens": 16}})
+        assert status == 200, answer
+        assert isinstance(answer["predictions"][0], str) and answer["predictions"][0].strip()
+        status, refused = invoke({"inputs": [{"messages": messages}], "params": {"max_new_tokens": 100000}})
+        assert status >= 400 and "max_new_tokens" in json.dumps(refused)
+    finally:
+        stop(proc, signal.SIGTERM)
+
+
+def test_chat_streams_in_a_pseudo_terminal(runs, project, env, clients):
+    from tasks import tracking
+
+    model, _ = tracking.load_registered("pipeline-sft@champion")
+    question = "What does json.dumps do?"
+    params = {"max_new_tokens": 24, "temperature": 0.0}
+    expected = model.predict(None, {"messages": [{"role": "user", "content": question}]}, params)[0]
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "chat", "pipeline-sft@champion", "--max-new-tokens", "24"],
+        cwd=project,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, count: int, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.time() + timeout
+        while seen.count(marker) < count:
+            assert time.time() < deadline, seen.decode(errors="replace")
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+
+    try:
+        read_until(b"you> ", 1)
+        assert b"chatting with pipeline-sft v1" in seen
+        os.write(master, question.encode() + b"\n")
+        read_until(b"you> ", 2)
+        os.write(master, b"\x04")  # Ctrl-D on an empty line: EOF
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = seen.decode().replace("\r\n", "\n")
+    reply = text.split("bot> ", 1)[1].rsplit("\nyou> ", 1)[0]
+    assert reply == expected  # streamed piece by piece, the same text as the served model's greedy answer
+
+
+def test_export_writes_a_hf_checkpoint_with_the_registered_weights(runs, clients, tmp_path):
+    from flows.cli import main
+    from models.checkpoint import state_dict_hash
+    from models.hf import import_hf
+
+    _, client = clients
+    out = tmp_path / "hf"
+    assert main(["export", "pipeline-sft@champion", str(out)]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    registered = client.get_model_version_by_alias("pipeline-sft", "champion").tags["weights_sha256"]
+    assert state_dict_hash(import_hf(out)) == registered
+
+
+def test_replay_reproduces_the_registered_weights(runs, project, env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "replay", "pipeline-base@champion"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "replay: weights match the registered version" in proc.stdout
+    report = json.loads(proc.stdout[proc.stdout.index("\n{\n") : proc.stdout.rindex("\n}") + 2])
+    assert report["weights_match"] and report["inputs_differ"] == []
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=project, capture_output=True, text=True)
+    assert len(worktrees.stdout.strip().splitlines()) == 1  # the temporary worktree is gone
+
+
+def test_unknown_model_name_and_alias_are_clear_errors(runs, clients, tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["export", "no-such-model@champion", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no registered model named 'no-such-model'" in err and "pipeline-sft" in err
+    assert main(["chat", "pipeline-sft@no-such-alias"]) == 2
+    err = capsys.readouterr().err
+    assert "has no alias 'no-such-alias'" in err and "champion (v1)" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    port = free_port()  # nothing listens there
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    env.pop("PREFECT_API_URL", None)
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in proc.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "params.yaml").exists() and not (tmp_path / "data").exists()
+
+
+def test_ui_stops_both_servers_on_sigint(ui, project, deployment):
+    stop(SERVING["deploy"])  # Ctrl-C on `pipeline deploy` first: it pauses its schedule via the API
+    proc, ports = ui["proc"], ui["ports"]
+    assert stop(proc, signal.SIGINT, timeout=90) == 0
+    assert "both servers stopped" in "".join(ui["out"].lines)
+    assert not answers(f"http://127.0.0.1:{ports['prefect']}/api/health")
+    assert not answers(f"http://127.0.0.1:{ports['mlflow']}/health")
+    assert not (project / ".pipeline/ui.json").exists()

@@ -53,15 +53,13 @@ def test_zero_stage_outside_range_is_rejected():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Pretrain then SFT, reward, DPO, PPO on the tiny workspace, each stage a real subprocess."""
+    """An uninterrupted tiny pretrain run (a real stage subprocess). The post-training stages are
+    exercised in tests/test_posttrain.py and end to end in tests/test_e2e.py."""
     root = tmp_path_factory.mktemp("stages")
     make_workspace(root)
-    logs = {}
-    for stage in ("pretrain", "sft", "reward", "dpo", "rlhf"):
-        proc = run_stage(root, stage)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        logs[stage] = proc.stdout
-    return root, logs
+    proc = run_stage(root, "pretrain")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc.stdout
 
 
 def curve(root: Path, stage: str) -> list[dict[str, float]]:
@@ -71,43 +69,15 @@ def curve(root: Path, stage: str) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
 
 
-def test_pretrain_and_sft_loss_go_down(trained):
+def test_pretrain_loss_goes_down_and_outputs_are_recorded(trained):
     root, _ = trained
-    for stage in ("pretrain", "sft"):
-        rows = curve(root, stage)
-        assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, (stage, rows[0]["loss"], rows[-1]["loss"])
-        assert (root / f"data/metrics/{stage}.json").exists()
-
-
-def test_reward_model_ranks_held_out_pairs(trained):
-    root, _ = trained
-    metrics = json.loads((root / "data/metrics/reward.json").read_text())
-    assert metrics["val/accuracy"] >= 0.75, metrics
-
-
-def test_dpo_raises_accuracy_and_margin(trained):
-    root, _ = trained
-    metrics = json.loads((root / "data/metrics/dpo.json").read_text())
-    assert metrics["val/rewards/accuracies"] > 0.5
-    assert metrics["val/rewards/margins"] > 0
-
-
-def test_ppo_runs_with_bounded_kl(trained):
-    root, _ = trained
-    metrics = json.loads((root / "data/metrics/rlhf.json").read_text())
-    assert abs(metrics["kl"]) < 10
-    config = json.loads((root / "data/checkpoints/rlhf/config.json").read_text())
-    assert config["kind"] == "causal_lm" and config["parent"] == "sft"
-
-
-def test_checkpoints_record_tokenizer_and_no_resume_state_left(trained):
-    root, _ = trained
-    fingerprints = {
-        json.loads((root / f"data/checkpoints/{n}/config.json").read_text())["tokenizer_fingerprint"]
-        for n in ("base", "sft", "reward", "dpo", "rlhf")
-    }
-    assert len(fingerprints) == 1
-    assert not (root / "data/state/pretrain").exists()
+    rows = curve(root, "pretrain")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, (rows[0]["loss"], rows[-1]["loss"])
+    metrics = json.loads((root / "data/metrics/pretrain.json").read_text())
+    assert metrics["val/loss"] < rows[0]["loss"]
+    config = json.loads((root / "data/checkpoints/base/config.json").read_text())
+    assert config["kind"] == "causal_lm" and len(config["tokenizer_fingerprint"]) == 64
+    assert not (root / "data/state/pretrain").exists(), "resume state is removed once the output is saved"
 
 
 def test_pretrain_resumes_after_kill_to_the_same_weights(trained, tmp_path):

@@ -452,6 +452,9 @@ def _gather(engine: Any) -> dict[str, torch.Tensor]:
     }
 
 
+TIMING_METRICS = ("tokens_per_s", "mfu", "seconds", "flops")
+
+
 def finish_training(
     stage: str,
     fresh_model: nn.Module,
@@ -469,7 +472,10 @@ def finish_training(
     if int(os.environ.get("RANK", "0")) == 0:
         fresh_model.load_state_dict(state)
         rounded = {k: round(float(v), 6) for k, v in metrics.items()}
-        save_checkpoint(out_dir, fresh_model, config, meta={**meta, "metrics": rounded})
+        # Timings vary run to run; the checkpoint keeps only what the weights determine, so that the same
+        # inputs give a byte-identical checkpoint directory (dvc.lock hash).
+        learned = {k: v for k, v in rounded.items() if not any(t in k for t in TIMING_METRICS)}
+        save_checkpoint(out_dir, fresh_model, config, meta={**meta, "metrics": learned})
         write_json(paths.METRICS / f"{stage}.json", rounded)
         shutil.rmtree(paths.STATE / stage, ignore_errors=True)
     return metrics

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.hf import export_hf  # noqa: E402
 from models.llama import Transformer  # noqa: E402
@@ -31,16 +31,6 @@ from tasks.tokens import ChatTokenizer  # noqa: E402
 
 MMLU_DIR = Path(__file__).resolve().parents[2] / "shared" / "mmlu"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def train_tokenizer(out: Path, vocab_size: int) -> ChatTokenizer:

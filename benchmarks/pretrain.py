@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.llama import Transformer  # noqa: E402
@@ -48,16 +48,6 @@ from tasks.training import lr_at, measure_matmul_tflops  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=8192, n_layer=6, n_head=6, n_kv_head=6, d_model=384, max_seq_len=256)
 QUICK = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=4, d_model=128, max_seq_len=128)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def device() -> torch.device:

@@ -1,0 +1,1 @@
+"""Scripts that print measured figures as JSON (run as `python benchmarks/<name>.py`)."""

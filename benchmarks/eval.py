@@ -29,7 +29,7 @@ from models.llama import Transformer  # noqa: E402
 from tasks import mmlu  # noqa: E402
 from tasks.tokens import ChatTokenizer  # noqa: E402
 
-MMLU_DIR = Path(__file__).resolve().parents[2] / "shared" / "mmlu"
+MMLU_DIR = Path(__file__).resolve().parents[1] / "data" / "mmlu"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 

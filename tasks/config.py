@@ -175,7 +175,9 @@ class EvaluateConfig:
     mmlu_dir: str = "data/mmlu"  # original CSV layout (dev/ val/ test/); or hf:cais/mmlu
     mmlu_split: str = "val"
     k_shot: int = 5
-    fewshot_policy: str = "truncate"  # prompt too long: truncate (left, as the harness) | reduce (fewer shots)
+    fewshot_policy: str = (
+        "truncate"  # prompt too long: truncate (left, as the harness) | reduce (fewer shots)
+    )
     subjects: list[str] = field(default_factory=list)  # empty = every subject found
     max_items_per_subject: int = 0  # 0 = all
     ppl_window: int = 256

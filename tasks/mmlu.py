@@ -3,7 +3,7 @@
 The protocol is data (PROTOCOL) and is written next to every score, so a number can always be traced to
 the exact prompt, few-shot selection, tokenization and truncation that produced it.
 
-Speed without changing a single log-likelihood (tests/test_eval.py checks parity against a direct
+Speed without changing a single log-likelihood (tests/test_mmlu.py checks parity against a direct
 `transformers` implementation of the harness prompt):
 - when each of " A".." D" is one token, one forward of the context gives all four scores (the harness
   runs four forwards per item);

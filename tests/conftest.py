@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,3 +40,40 @@ def mlflow_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def data_workspace(tmp_path_factory) -> Path:
+    """One full small data run (embedded data -> ingest -> validate -> tokenizer -> encode), made once per
+    session and copied per test by `ws`."""
+    from tasks import encode, ingest, tokenizer, validate
+    from tests.datahelpers import make_params
+
+    root = tmp_path_factory.mktemp("data-workspace")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    try:
+        params = make_params(tokenizer={"vocab_size": 512})
+        ingest.run(params, None)
+        validate.run(params, None)
+        tokenizer.run(params, None)
+        encode.run(params, None)
+    finally:
+        mp.undo()
+    return root
+
+
+@pytest.fixture
+def ws(data_workspace, tmp_path, monkeypatch) -> Path:
+    """A private copy of the session's data workspace, as the working directory."""
+    shutil.copytree(data_workspace / "data", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def bpe(tmp_path_factory):
+    """A byte-level BPE tokenizer (vocab 1000) trained on the vendored MMLU dev text."""
+    from tests.evalhelpers import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", 1000)

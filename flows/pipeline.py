@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run as prefect_flow_run
 from pydantic import Field
 
 from tasks import tracking
@@ -213,7 +214,8 @@ def pipeline(
     )
     results: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    with tracking.flow_run("pipeline", {"pipeline.profile": profile, "pipeline.flow": "prefect"}) as parent:
+    tags = {"pipeline.profile": profile, "pipeline.flow": "prefect", "prefect.flow_run_id": prefect_flow_run.id}
+    with tracking.flow_run("pipeline", tags) as parent:
         parent.log_params({"profile": profile, "overrides": " ".join(overrides or []), "force": force})
         experiment_id = parent.run.info.experiment_id
         error: str | None = None

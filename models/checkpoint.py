@@ -137,7 +137,9 @@ def save_checkpoint(
     payload = {"model": config.to_dict(), "kind": kind, **meta}
     json.dumps(payload)  # fail before touching the disk if meta is not JSON-serialisable
     with atomic_dir(Path(out_dir)) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": kind})
+        # One metadata key only: safetensors writes metadata from a Rust HashMap, whose order is random per
+        # map, so two keys made identical weights hash differently run to run. The kind is in config.json.
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, payload)
     return Path(out_dir)
 

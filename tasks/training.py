@@ -177,12 +177,17 @@ class MetricLog:
         if self.tracker is not None:
             self.tracker.log_metrics({f"{self.prefix}{k}": v for k, v in metrics.items()}, step=step)
 
-    def write_csv(self, existing_rows: list[dict[str, float]] | None = None) -> None:
-        if self.csv_path is None:
+    def write_csv(
+        self, existing_rows: list[dict[str, float]] | None = None, path: Path | None = None
+    ) -> None:
+        """Write the curve so far (after `existing_rows`) to `path`, by default the log's own CSV."""
+        path = path or self.csv_path
+        if path is None or self.csv_path is None:
             return
         rows = (existing_rows or []) + self.rows
         keys = sorted({k for row in rows for k in row} - {"step"})
-        with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as fh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["step", *keys])
             writer.writeheader()
             for row in rows:
@@ -251,11 +256,13 @@ def train(
     if resume_tag is not None:
         start_step = _load_state(engine, state_dir, resume_tag)
         log.info("resumed from %s at step %d", state_dir, start_step)
-    elif rank == 0 and plot_csv is not None and plot_csv.exists():
-        # A stale CSV from a killed run would duplicate steps; the curve restarts with the run.
-        plot_csv.unlink()
-    metric_log = MetricLog(tracker if rank == 0 else None, plot_csv if rank == 0 else None)
-    previous_rows = [r for r in _read_csv(plot_csv) if r.get("step", 0) < start_step] if start_step else []
+    # The curve so far lives in the resume state (a killed run must not leave a changed plot that DVC
+    # tracks); data/plots/<stage>.csv is written once, when training ends.
+    progress_csv = state_dir / "curve.csv" if rank == 0 and plot_csv is not None else None
+    metric_log = MetricLog(tracker if rank == 0 else None, progress_csv)
+    previous_rows = (
+        [r for r in _read_csv(progress_csv) if r.get("step", 0) < start_step] if start_step else []
+    )
 
     use_autocast = cfg.bf16 and engine.device.type == "cpu"
     flops_per_token: Callable[..., int] | None = getattr(model, "flops_per_token", None)
@@ -310,9 +317,11 @@ def train(
             # Fault injection for the resume tests: die like `kill -9` would, with no cleanup at all.
             os.kill(os.getpid(), signal.SIGKILL)
         if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            metric_log.write_csv(previous_rows)  # before `latest` moves on: the curve covers the checkpoint
             _save_state(engine, state_dir, done, shapes, cfg, model)
-            metric_log.write_csv(previous_rows)
-    metric_log.write_csv(previous_rows)
+    metric_log.write_csv(previous_rows, plot_csv)
+    if start_step:
+        last["resumed_from_step"] = float(start_step)  # in the stage's metrics JSON, not in its checkpoint
     return _gather(engine), last
 
 
@@ -452,7 +461,8 @@ def _gather(engine: Any) -> dict[str, torch.Tensor]:
     }
 
 
-TIMING_METRICS = ("tokens_per_s", "mfu", "seconds", "flops")
+# What varies between runs that learned the same weights: timings, and where a killed run resumed.
+RUN_METRICS = ("tokens_per_s", "mfu", "seconds", "flops", "resumed_from_step")
 
 
 def finish_training(
@@ -474,7 +484,7 @@ def finish_training(
         rounded = {k: round(float(v), 6) for k, v in metrics.items()}
         # Timings vary run to run; the checkpoint keeps only what the weights determine, so that the same
         # inputs give a byte-identical checkpoint directory (dvc.lock hash).
-        learned = {k: v for k, v in rounded.items() if not any(t in k for t in TIMING_METRICS)}
+        learned = {k: v for k, v in rounded.items() if not any(t in k for t in RUN_METRICS)}
         save_checkpoint(out_dir, fresh_model, config, meta={**meta, "metrics": learned})
         write_json(paths.METRICS / f"{stage}.json", rounded)
         shutil.rmtree(paths.STATE / stage, ignore_errors=True)

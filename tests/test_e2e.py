@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,6 +124,42 @@ def test_dvc_repro_runs_every_stage_then_skips_them(project):
         assert version.tags["git.commit"] != "unknown"
 
 
+def test_flow_killed_mid_stage_leaves_outputs_intact(project, prefect_harness):
+    """kill -9 of the whole flow (flow process, `dvc repro`, the stage) while pretrain trains: the outputs
+    DVC recorded stay intact and the newest resume checkpoint is complete. The next test's re-run resumes
+    from it and must end with byte-identical weights to the uninterrupted `dvc repro` run."""
+    from prefect.settings import PREFECT_API_URL
+
+    before = lock_outs(project)
+    state = project / "data/state/pretrain"
+    env = dict(project_env(project), PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--force", "--retries", "0"]
+    log = project / "killed-flow.log"
+    with log.open("w") as out:
+        flow = subprocess.Popen(
+            cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.time() + 600
+        while not (state / "latest").exists():  # the first checkpoint (step 10 of 30) is complete
+            assert flow.poll() is None, log.read_text()[-4000:]
+            assert time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.02)
+        os.killpg(flow.pid, signal.SIGKILL)  # the flow's whole process group: flow, dvc, the stage
+        flow.wait()
+        while time.time() < deadline:  # until dvc and the stage are gone too (reaped by init)
+            try:
+                os.killpg(flow.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    tag = (state / "latest").read_text().strip()
+    assert json.loads((state / tag / "state.json").read_text())["step"] in (10, 20)
+    assert lock_outs(project) == before
+    # Every output still matches what dvc.lock recorded: nothing half-written was left behind
+    status = json.loads(sh(["dvc", "status", "--json"], project).stdout or "{}")
+    assert status == {}, status
+
+
 def test_prefect_flow_runs_each_stage_as_a_task_and_child_run(project, prefect_harness, monkeypatch):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -140,8 +177,10 @@ def test_prefect_flow_runs_each_stage_as_a_task_and_child_run(project, prefect_h
 
     client = mlflow_client(project)
     runs = stage_runs(client)
-    parents = [r for r in runs if r.data.tags.get("pipeline.flow") == "prefect"]
-    assert len(parents) == 1
+    flow_run_id = str(state.state_details.flow_run_id)
+    parents = [r for r in runs if r.data.tags.get("prefect.flow_run_id") == flow_run_id]
+    assert len(parents) == 1 and parents[0].data.tags["pipeline.flow"] == "prefect"
+    assert parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["pipeline.stage"] for r in children) == sorted(STAGES)
     for model in MODELS:
@@ -164,13 +203,15 @@ def test_prefect_flow_runs_each_stage_as_a_task_and_child_run(project, prefect_h
     assert names == sorted(STAGES)
     registered = json.loads((project / "data/registry/registered.json").read_text())
     assert sorted(registered) == sorted(MODELS)
+    # pretrain resumed from the checkpoint the killed flow left (previous test), and its state was cleared
+    assert json.loads((project / "data/metrics/pretrain.json").read_text())["resumed_from_step"] in (10, 20)
+    assert not (project / "data/state/pretrain").exists()
 
-    # Determinism: the forced re-run through Prefect produced byte-identical datasets, tokenizer and shards
-    # (same dvc.lock hashes) as the `dvc repro` run. Eval and registry outputs hold timings.
-    # Training stages are left out: on this CPU two runs on identical inputs were seen to give different
-    # weights (pretrain under load, sft even when quiet; bf16 autocast kernels). An open finding, not hidden.
+    # Determinism: the forced re-run through Prefect produced byte-identical datasets, tokenizer, shards and
+    # checkpoints of every training stage (same dvc.lock hashes) as the `dvc repro` run. Evaluate and
+    # register outputs hold timings and run ids, so they are left out.
     after = lock_outs(project)
-    for stage in STAGES[:4]:
+    for stage in STAGES[: STAGES.index("rlhf") + 1]:
         assert after[stage] == before[stage], (
             f"{stage} is not deterministic: {before[stage]} != {after[stage]}"
         )

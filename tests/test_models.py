@@ -252,6 +252,11 @@ def test_checkpoint_round_trip_and_overwrite(tmp_path: Path) -> None:
     assert "embed.weight" in header and "lm_head.weight" not in header
     assert b"\x80\x04" not in raw[:2] and not raw.startswith(b"PK")  # no pickle / torch zip archive
 
+    # Same weights, same bytes, every time (dvc.lock hashes): each save builds a fresh header map
+    for i in range(8):
+        save_checkpoint(tmp_path / f"again{i}", other, other.config)
+        assert (tmp_path / f"again{i}" / "model.safetensors").read_bytes() == raw, i
+
 
 @pytest.mark.parametrize("cls, kind", [(ScalarHeadModel, "scalar_head"), (PolicyWithValue, "policy_value")])
 def test_checkpoint_heads_round_trip(tmp_path: Path, cls: type, kind: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = [
@@ -55,21 +56,7 @@ def project_env(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("e2e") / "project"
-    root.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for item in ("flows", "tasks", "models", "conf", "data/mmlu"):
-        shutil.copytree(REPO / item, root / item, ignore=ignore)
-    for item in ("dvc.yaml", "pyproject.toml", ".gitignore"):
-        shutil.copy(REPO / item, root / item)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    sh(["git", "init", "-q"], root)
-    sh(["dvc", "init", "-q"], root)
-    sh(["dvc", "config", "core.analytics", "false"], root)
-    sh([sys.executable, "-m", "flows.cli", "params", "--profile", "tiny"], root)
-    sh(["git", "add", "-A"], root)
-    sh([*git, "commit", "-qm", "tiny project"], root)
-    return root
+    return make_project(tmp_path_factory.mktemp("e2e") / "project")
 
 
 def mlflow_client(root: Path):

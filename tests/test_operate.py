@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import free_port
+from tests.project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "validate", "tokenizer", "encode", "pretrain", "sft", "reward", "dpo", "rlhf", "evaluate"]
@@ -94,26 +94,7 @@ def answers(url: str) -> bool:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """The project in a temp git+DVC repo, tiny params, committed (what lineage tags point at)."""
-    root = tmp_path_factory.mktemp("operate") / "project"
-    root.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for item in ("flows", "tasks", "models", "conf", "data/mmlu"):
-        shutil.copytree(REPO / item, root / item, ignore=ignore)
-    for item in ("dvc.yaml", "pyproject.toml", ".gitignore"):
-        shutil.copy(REPO / item, root / item)
-    with (root / ".gitignore").open("a") as f:
-        f.write("\n/.pipeline/\n")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        [sys.executable, "-m", "flows.cli", "params", "--profile", "tiny"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "tiny project"],
-    ):
-        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    return root
+    return make_project(tmp_path_factory.mktemp("operate") / "project")
 
 
 @pytest.fixture(scope="module")

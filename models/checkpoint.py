@@ -157,6 +157,21 @@ def read_checkpoint_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def refuse_pickle(path: Path) -> None:
+    """Name a pickle (torch.save zip or raw pickle) where safetensors belong; never unpickle it.
+
+    safetensors begins with an 8-byte header length and then the JSON header's `{`; a torch.save file is a
+    zip ("PK") and a raw pickle starts with the PROTO opcode 0x80. Only the first bytes are read.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[8:9] != b"{" and (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(
+            f"{path} is a pickle (torch.save) file, not safetensors: refused without loading it, since "
+            "unpickling can run arbitrary code; re-save the weights with safetensors"
+        )
+
+
 def load_checkpoint(
     path: Path, *, kind: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -177,6 +192,7 @@ def load_checkpoint(
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights_path}")
+    refuse_pickle(weights_path)
     try:
         loaded = load_file(str(weights_path))  # to CPU, into the CPU-built module; moved after
     except Exception as e:  # safetensors raises its own SafetensorError, or OSError, on a bad file

@@ -4,29 +4,131 @@
 safetensors checkpoint directory and tokenizer.json. A causal LM answers chat requests
 ({"messages": [...]} in, generated text out); a reward model scores the conversation instead.
 Requests are bounded: records per request, message count and size, and max_new_tokens; a request over
-a bound is refused with a message naming it, before any generation.
+a bound is refused (HTTP 400) with a message naming it, before any generation. The HTTP body itself is
+read whole by the scoring server before these checks: beyond loopback, put a proxy with a body limit
+(e.g. nginx `client_max_body_size 1m`) in front.
 
-Concurrency: `mlflow models serve` runs uvicorn with `-w/--workers N` processes (default 1); each worker
-holds its own copy of the model and handles one prediction at a time, so N workers answer N requests
-in parallel and use N times the model's memory. Torch uses all cores for one request on CPU: on a CPU host
-keep N small (1-2) and set OMP_NUM_THREADS=cores/N. `-t/--timeout` (default 60 s) bounds one request;
-worst-case request time is MAX_RECORDS * max_new_tokens decoding steps. `ChatModel.stream_chat` (used
-by `pipeline chat`, and by `predict_stream` for MLflow clients) yields text as it is generated.
+Concurrency, three bounds (each one refuses cleanly instead of queueing without end):
+- generation slots, in this pyfunc: at most PIPELINE_SERVE_MAX_CONCURRENT generations run at once per
+  server process (default 1: on CPU one generation already uses every core); up to
+  PIPELINE_SERVE_MAX_WAITING more requests (default 8) wait at most PIPELINE_SERVE_WAIT_S seconds
+  (default 30) for a slot. Beyond that a request gets HTTP 503 "server busy ..." at once.
+- connections, in uvicorn: `mlflow models serve` passes its environment to uvicorn, which reads
+  UVICORN_* variables; `UVICORN_LIMIT_CONCURRENCY=N` answers 503 "Service Unavailable" to any request
+  arriving while N connections are open. The scoring server runs predictions on a thread pool of
+  min(32, cores + 4) threads whose queue is unbounded: this limit is what bounds it.
+- time: `-t/--timeout` (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, default 60 s) answers 504 to a request
+  still running; the prediction thread still finishes its work, so keep WAIT_S + the longest
+  generation under it.
+`-w/--workers N` runs N uvicorn processes, each with its own model copy and its own limits. On CPU keep
+N small and set OMP_NUM_THREADS=cores/N. `ChatModel.stream_chat` (used by `pipeline chat`, and by
+`predict_stream` for MLflow clients) yields text as it is generated, holding one slot while it does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
 MAX_MESSAGES = 32
 MAX_CHARS = 16_000
 MAX_NEW_TOKENS = 256
 MAX_RECORDS = 16  # conversations per request
+CONCURRENT_ENV, WAITING_ENV, WAIT_ENV = (
+    "PIPELINE_SERVE_MAX_CONCURRENT",
+    "PIPELINE_SERVE_MAX_WAITING",
+    "PIPELINE_SERVE_WAIT_S",
+)
+
+
+class RequestError(MlflowException, ValueError):
+    """A request over a bound or of the wrong shape: HTTP 400 with this message (a ValueError in-process)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class ServerBusy(MlflowException):
+    """Every generation slot is taken and the wait queue is full or timed out: HTTP 503, retry later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=TEMPORARILY_UNAVAILABLE)
+
+
+class Admission:
+    """At most `slots` generations at once; up to `max_waiting` more wait up to `wait_s` for a slot.
+
+    A request that finds the queue full, or waits in vain, raises ServerBusy: it is refused, never left
+    to pile up. Thread-safe (the scoring server calls predict from a thread pool).
+    """
+
+    def __init__(self, slots: int = 1, max_waiting: int = 8, wait_s: float = 30.0) -> None:
+        if not (slots >= 1 and max_waiting >= 0 and 0 <= wait_s < float("inf")):
+            raise ValueError(
+                f"bad limits: slots={slots} (>= 1), max_waiting={max_waiting} (>= 0), wait_s={wait_s}"
+            )
+        self.slots, self.max_waiting, self.wait_s = slots, max_waiting, wait_s
+        self._free = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self.running = 0
+        self.waiting = 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Admission:
+        """Limits from PIPELINE_SERVE_*; a malformed value is an error naming the variable."""
+
+        def number(name: str, default: float, kind: type, low: float) -> Any:
+            raw = environ.get(name, "").strip()
+            try:
+                value = kind(raw) if raw else kind(default)
+            except ValueError:
+                value = None
+            if value is None or not low <= value < float("inf"):
+                raise ValueError(f"{name}={raw!r} must be a finite {kind.__name__} >= {low:g}")
+            return value
+
+        return cls(
+            number(CONCURRENT_ENV, 1, int, 1), number(WAITING_ENV, 8, int, 0), number(WAIT_ENV, 30, float, 0)
+        )
+
+    def _busy(self, why: str) -> ServerBusy:
+        return ServerBusy(
+            f"server busy: {why} ({self.running} of {self.slots} generation slots in use, {self.waiting} "
+            f"requests waiting; limits {CONCURRENT_ENV}={self.slots}, {WAITING_ENV}={self.max_waiting}, "
+            f"{WAIT_ENV}={self.wait_s:g}); retry later"
+        )
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            with self._lock:
+                if self.waiting >= self.max_waiting:
+                    raise self._busy("the wait queue is full")
+                self.waiting += 1
+            try:
+                got = self._free.acquire(timeout=self.wait_s)
+            finally:
+                with self._lock:
+                    self.waiting -= 1
+            if not got:
+                raise self._busy(f"no generation slot came free within {self.wait_s:g} s")
+        with self._lock:
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= 1
+            self._free.release()
 
 
 def _conversations(model_input: Any) -> list[list[dict[str, str]]]:
@@ -36,22 +138,29 @@ def _conversations(model_input: Any) -> list[list[dict[str, str]]]:
     if isinstance(model_input, dict):
         model_input = [model_input]
     if not isinstance(model_input, list) or not model_input:
-        raise ValueError("input must be a record or a list of records with a 'messages' field")
+        raise RequestError("input must be a record or a list of records with a 'messages' field")
     if len(model_input) > MAX_RECORDS:
-        raise ValueError(f"{len(model_input)} records in one request, more than the limit {MAX_RECORDS}")
+        raise RequestError(f"{len(model_input)} records in one request, more than the limit {MAX_RECORDS}")
     out = []
     for i, record in enumerate(model_input):
         messages: Any = record.get("messages") if isinstance(record, dict) else None
         if hasattr(messages, "tolist"):
             messages = messages.tolist()
         if not isinstance(messages, list) or not messages:
-            raise ValueError(f"record {i}: 'messages' must be a non-empty list of {{role, content}}")
+            raise RequestError(f"record {i}: 'messages' must be a non-empty list of {{role, content}}")
         if len(messages) > MAX_MESSAGES:
-            raise ValueError(f"record {i}: {len(messages)} messages, more than the limit {MAX_MESSAGES}")
+            raise RequestError(f"record {i}: {len(messages)} messages, more than the limit {MAX_MESSAGES}")
         if sum(len(str(m.get("content", ""))) for m in messages) > MAX_CHARS:
-            raise ValueError(f"record {i}: messages exceed {MAX_CHARS} characters")
+            raise RequestError(f"record {i}: messages exceed {MAX_CHARS} characters")
         out.append([{"role": str(m["role"]), "content": str(m["content"])} for m in messages])
     return out
+
+
+def _number(params: dict[str, Any], name: str, default: Any, kind: type) -> Any:
+    try:
+        return kind(params.get(name, default))
+    except (TypeError, ValueError):
+        raise RequestError(f"{name} must be a {kind.__name__}, got {params.get(name)!r}") from None
 
 
 class ChatModel(PythonModel):
@@ -59,6 +168,7 @@ class ChatModel(PythonModel):
         from models.checkpoint import load_checkpoint
         from tasks.tokens import ChatTokenizer
 
+        self.admission = Admission.from_env()  # a malformed limit stops the server before it serves
         self.model: Any
         self.model, self.meta = load_checkpoint(Path(context.artifacts["checkpoint"]))
         self.tokenizer = ChatTokenizer.load(Path(context.artifacts["tokenizer"]))
@@ -68,24 +178,28 @@ class ChatModel(PythonModel):
     def _generation(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """Checked generation parameters: max_new_tokens (bounded), temperature, top_k, seed."""
         params = params or {}
-        max_new = int(params.get("max_new_tokens", 64))
+        max_new = _number(params, "max_new_tokens", 64, int)
         if not 0 < max_new <= MAX_NEW_TOKENS:
-            raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new}")
-        temperature = float(params.get("temperature", 0.0))
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise RequestError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new}")
+        temperature = _number(params, "temperature", 0.0, float)
+        if not temperature >= 0:
+            raise RequestError(f"temperature must be >= 0, got {temperature}")
         return {
             "max_new_tokens": max_new,
             "temperature": temperature,
-            "top_k": int(params.get("top_k", 0)) or None,
-            "seed": int(params.get("seed", 0)),
+            "top_k": _number(params, "top_k", 0, int) or None,
+            "seed": _number(params, "seed", 0, int),
         }
 
     def _prompt(self, messages: list[dict[str, str]], max_new: int) -> list[int]:
+        """The rendered chat, left-truncated to leave room for max_new tokens in the context."""
         ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
         room = self.model.config.max_seq_len - max_new
         if room < 1:
-            raise ValueError(f"max_new_tokens={max_new} leaves no room in the context")
+            raise RequestError(
+                f"max_new_tokens={max_new} leaves no room in the context of "
+                f"{self.model.config.max_seq_len} tokens"
+            )
         return ids[-room:]
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
@@ -94,26 +208,32 @@ class ChatModel(PythonModel):
         from models.generate import generate
 
         gen = self._generation(params)
+        conversations = _conversations(model_input)
+        if self.meta["kind"] == "scalar_head":
+            prompts = [
+                self.tokenizer.render_chat(m)[0][-self.model.config.max_seq_len :] for m in conversations
+            ]
+        else:
+            prompts = [self._prompt(m, gen["max_new_tokens"]) for m in conversations]
         results: list[Any] = []
-        for messages in _conversations(model_input):
-            if self.meta["kind"] == "scalar_head":
-                ids, _ = self.tokenizer.render_chat(messages)
-                ids = ids[-self.model.config.max_seq_len :]
-                with torch.no_grad():
-                    results.append(float(self.model(torch.tensor([ids]))[0, -1]))
-                continue
-            prompt = torch.tensor([self._prompt(messages, gen["max_new_tokens"])])
-            out = generate(
-                self.model,
-                prompt,
-                max_new_tokens=gen["max_new_tokens"],
-                temperature=gen["temperature"],
-                top_k=gen["top_k"],
-                stop_tokens=[self.tokenizer.end_id, self.tokenizer.eos_id],
-                pad_id=self.tokenizer.pad_id,
-                generator=torch.Generator().manual_seed(gen["seed"]),
-            )
-            results.append(self.tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
+        with self.admission.slot():  # every check above ran first: a bad request never takes a slot
+            for ids in prompts:
+                prompt = torch.tensor([ids])
+                if self.meta["kind"] == "scalar_head":
+                    with torch.no_grad():
+                        results.append(float(self.model(prompt)[0, -1]))
+                    continue
+                out = generate(
+                    self.model,
+                    prompt,
+                    max_new_tokens=gen["max_new_tokens"],
+                    temperature=gen["temperature"],
+                    top_k=gen["top_k"],
+                    stop_tokens=[self.tokenizer.end_id, self.tokenizer.eos_id],
+                    pad_id=self.tokenizer.pad_id,
+                    generator=torch.Generator().manual_seed(gen["seed"]),
+                )
+                results.append(self.tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
         return results
 
     def stream_chat(
@@ -123,6 +243,7 @@ class ChatModel(PythonModel):
 
         Greedy (temperature 0) gives exactly the text `predict` returns. A piece is held back while it
         ends inside a multi-byte character (the byte-level decoder shows it as U+FFFD until complete).
+        One generation slot is held until the stream ends or is closed.
         """
         import torch
 
@@ -132,24 +253,26 @@ class ChatModel(PythonModel):
             raise ValueError("this is a reward model: it scores conversations and does not generate text")
         (conversation,) = _conversations({"messages": messages})
         gen = self._generation(params)
+        prompt = self._prompt(conversation, gen["max_new_tokens"])
         ids: list[int] = []
         shown = ""
-        for token in stream(
-            self.model,
-            self._prompt(conversation, gen["max_new_tokens"]),
-            max_new_tokens=gen["max_new_tokens"],
-            temperature=gen["temperature"],
-            top_k=gen["top_k"],
-            stop_tokens=[self.tokenizer.end_id, self.tokenizer.eos_id],
-            generator=torch.Generator().manual_seed(gen["seed"]),
-        ):
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(shown):
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+        with self.admission.slot():
+            for token in stream(
+                self.model,
+                prompt,
+                max_new_tokens=gen["max_new_tokens"],
+                temperature=gen["temperature"],
+                top_k=gen["top_k"],
+                stop_tokens=[self.tokenizer.end_id, self.tokenizer.eos_id],
+                generator=torch.Generator().manual_seed(gen["seed"]),
+            ):
+                ids.append(token)
+                text = self.tokenizer.decode(ids)
+                if text.endswith("\ufffd") or not text.startswith(shown):
+                    continue
+                if len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
         text = self.tokenizer.decode(ids)
         if text.startswith(shown) and len(text) > len(shown):
             yield text[len(shown) :]
@@ -159,7 +282,7 @@ class ChatModel(PythonModel):
     ) -> Iterator[str]:
         conversations = _conversations(model_input)
         if len(conversations) != 1:
-            raise ValueError("predict_stream answers one conversation at a time")
+            raise RequestError("predict_stream answers one conversation at a time")
         yield from self.stream_chat(conversations[0], params)
 
 

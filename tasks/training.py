@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import shutil
 import signal
 import socket
@@ -426,11 +428,41 @@ def _check_resume_state(state_dir: Path, shapes: dict[str, list[int]], cfg: Trai
     return tag
 
 
+def _weights_only_loads(engine: Any) -> None:
+    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True).
+
+    DeepSpeed's own loader uses weights_only=False, which runs whatever code a pickle names; a resume
+    state is a file on disk like any other. weights_only admits tensors and plain containers, plus the
+    few DeepSpeed types its ZeRO optimizer states hold (listed here, after loading real ZeRO-0/2/3 states).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f"names {found.group(1)}, not a tensor type" if found else "is not a weights-only file"
+            raise ResumeStateError(
+                f"resume state file {path} {what}: refused without loading it (unpickling can run code)"
+            ) from None
+
+    engine.checkpoint_engine.load = load
+
+
 def _load_state(engine: Any, state_dir: Path, tag: str) -> int:
     """Load the engine state (weights, optimizer, scheduler) and the RNG; the step to continue from."""
     fix = f"delete {state_dir} to start over"
+    _weights_only_loads(engine)
     try:
         load_path, client = engine.load_checkpoint(str(state_dir), tag=tag)
+    except ResumeStateError as exc:
+        raise ResumeStateError(f"{exc}; {fix}") from None
     except Exception as exc:  # truncated or corrupt files surface as torch.load / zip errors
         raise ResumeStateError(
             f"could not load resume state {state_dir / tag}: {type(exc).__name__}: {exc}; {fix}"

@@ -14,39 +14,41 @@ datasets succeeded, so a failed run leaves the previous outputs untouched.
 
 from __future__ import annotations
 
-import codecs
+import functools
 import glob
-import hashlib
+import itertools
 import logging
-import unicodedata
-from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks import paths
 from tasks.config import IngestConfig, Params, SourceConfig
 from tasks.io import atomic_path, write_json
 from tasks.stage import StageError, stage_main
+from tasks.textclean import check_utf8, normalize, text_digests
 
 log = logging.getLogger("tasks.ingest")  # not __name__: under `python -m` that is "__main__"
 
-REASONS = (
+# drop reasons, in the order the filters run (see the module docstring)
+REASONS: tuple[str, ...] = (
     "missing_field",
     "wrong_type",
     "identical_pair",
     "too_short",
     "too_long",
     "non_printable",
-    "duplicate",
-    "cap",
 )
+REASONS += ("duplicate", "cap")
 FILE_KINDS = {".txt": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> reader
-ROW_GROUP = 2000  # fixed row-group size: same rows -> same parquet bytes
+ROW_GROUP = 2000  # fixed row-group size: same rows -> same parquet bytes; also the rows read at a time
+BATCH_CHARS = 8 << 20  # text extracted from dict rows per chunk
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCHEMAS = {
     "pretrain": pa.schema([("text", pa.string()), ("source", pa.string())]),
@@ -58,51 +60,9 @@ SCHEMAS = {
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT-style {"from", "value"} turns
 HH_ASSISTANT = "\n\nAssistant:"
-# ASCII characters that are neither printable nor newline/tab/CR; includes \x1c-\x1f, which str.split()
-# treats as whitespace and bytes.split() does not
-_ASCII_CONTROL = bytes([*range(0, 9), 11, 12, *range(14, 32), 127])
-_UNSET = b"\0unset"
 
 
 # ------------------------------------------------------------------------------------ pure helpers
-def normalize(text: str) -> str:
-    """NFKC, whitespace collapsed, lowercase: what 'the same text' means for dedup."""
-    return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
-
-
-def plain_ascii(text: str) -> bytes | None:
-    """The text's bytes when it is ASCII with no control characters besides newline, tab and CR (the
-    common case, where the fast paths below apply), else None."""
-    if not text.isascii():  # O(1) in CPython
-        return None
-    raw = text.encode("ascii")
-    return raw if len(raw.translate(None, _ASCII_CONTROL)) == len(raw) else None
-
-
-def text_hash(text: str, plain: bytes | None = _UNSET) -> bytes:
-    """sha256 of normalize(text); for plain ASCII the same bytes, computed without per-word strings.
-
-    `plain` is plain_ascii(text) when the caller already has it."""
-    if plain is _UNSET:
-        plain = plain_ascii(text)
-    if plain is not None:  # NFKC is the identity on ASCII, and both splits agree without \x1c-\x1f
-        return hashlib.sha256(b" ".join(plain.lower().split())).digest()
-    return hashlib.sha256(normalize(text).encode("utf-8")).digest()
-
-
-def printable_ratio(text: str, plain: bytes | None = _UNSET) -> float:
-    """Share of characters that are printable or ordinary whitespace (newline, tab, CR)."""
-    if not text:
-        return 0.0
-    if (plain_ascii(text) if plain is _UNSET else plain) is not None:
-        return 1.0
-    if text.replace("\n", "").replace("\t", "").replace("\r", "").isprintable():  # C speed, any width
-        return 1.0
-    counts = Counter(text)  # count per distinct character: ~50x faster than testing every character
-    ok = sum(n for ch, n in counts.items() if ch.isprintable() or ch in "\n\t\r")
-    return ok / len(text)
-
-
 def _clip(value: Any, limit: int) -> Any:
     """Long strings cut before repr: a 50 MB row must not be copied whole just to show its start."""
     if isinstance(value, str) and len(value) > limit:
@@ -217,10 +177,9 @@ def resolve_files(dataset: str, path: str) -> list[Path]:
     if any(ch in path for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
     elif Path(path).is_dir():
+        found = Path(path).rglob("*")
         files = sorted(
-            p
-            for p in Path(path).rglob("*")
-            if p.is_file() and p.suffix in supported and not p.name.startswith(".")
+            p for p in found if p.is_file() and p.suffix in supported and not p.name.startswith(".")
         )
     elif Path(path).is_file():
         files = [Path(path)]
@@ -244,28 +203,6 @@ def _file_kind(dataset: str, p: Path) -> str:
     return FILE_KINDS[p.suffix]
 
 
-def check_utf8(dataset: str, p: Path, chunk: int = 1 << 20) -> None:
-    """StageError naming the file, byte offset and line of the first invalid UTF-8 sequence."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, lines = 0, 1  # bytes and newlines before the current block
-    with open(p, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            pending = decoder.getstate()[0]  # an incomplete sequence carried over from the last block
-            try:
-                decoder.decode(block, final=not block)
-            except UnicodeDecodeError as exc:
-                line = lines + (pending + block)[: exc.start].count(b"\n")
-                raise StageError(
-                    f"dataset {dataset}: file {p} is not valid UTF-8 at byte {offset - len(pending) + exc.start} "
-                    f"(line {line}): {exc.reason}; re-encode it as UTF-8"
-                ) from exc
-            if not block:
-                return
-            offset += len(block)
-            lines += block.count(b"\n")
-
-
 def _txt_rows(dataset: str, files: list[Path]) -> Iterator[dict]:
     for p in files:
         check_utf8(dataset, p)
@@ -279,15 +216,14 @@ def _parquet_rows(dataset: str, p: Path) -> int:
         raise StageError(f"dataset {dataset}: file {p} is not a readable parquet file: {exc}") from exc
 
 
-def load_hf_rows(
-    name: str, config: str | None, split: str, streaming: bool, data_files: list[str] | None = None
-) -> tuple[Iterator[dict], Any]:
+def load_hf_dataset(
+    name: str, config: str | None, split: str, streaming: bool, files: list | None = None
+) -> Any:
     """The one `datasets.load_dataset` call used for Hub ids, local dataset dirs and json/parquet files."""
     import datasets  # heavy; only the stages that read sources pay for it
 
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset(name, config or None, data_files=data_files, split=split, streaming=streaming)
-    return iter(ds), getattr(ds, "features", None)
+    return datasets.load_dataset(name, config or None, data_files=files, split=split, streaming=streaming)
 
 
 @dataclass
@@ -297,19 +233,16 @@ class Source:
     text_field: str
     features: Any = None
     from_datasets: bool = False
+    dataset: Any = None  # the `datasets` object rows come from (read as arrow batches where it can be)
 
 
 def open_source(dataset: str, src: SourceConfig, seed: int) -> Source:
     from tasks import embedded
 
     if src.kind == "embedded":
-        gens = {
-            "pretrain": embedded.pretrain_documents,
-            "sft": lambda: embedded.sft_conversations(seed),
-            "preference": lambda: embedded.preference_pairs(seed),
-        }
+        rows = {"sft": embedded.sft_conversations, "preference": embedded.preference_pairs}.get(dataset)
         native = {"pretrain": "text", "sft": "messages", "preference": "prompt"}[dataset]
-        return Source(gens[dataset](), "embedded", native)
+        return Source(rows(seed) if rows else embedded.pretrain_documents(), "embedded", native)
     if src.kind == "files":
         files = resolve_files(dataset, src.path)
         kind = _file_kind(dataset, files[0])
@@ -328,21 +261,21 @@ def open_source(dataset: str, src: SourceConfig, seed: int) -> Source:
             if not files:
                 raise StageError(f"dataset {dataset}: {desc} is empty (no rows)")
         try:
-            rows, features = load_hf_rows(kind, None, "train", src.streaming, [str(p) for p in files])
+            ds = load_hf_dataset(kind, None, "train", src.streaming, [str(p) for p in files])
         except StopIteration as exc:  # what `datasets` raises for a json file with no records
             raise StageError(f"dataset {dataset}: {desc} is empty (no rows)") from exc
         except Exception as exc:
             raise StageError(f"dataset {dataset}: cannot read {desc}: {type(exc).__name__}: {exc}") from exc
-        return Source(rows, desc, src.text_field, features, True)
+        return Source(iter(ds), desc, src.text_field, getattr(ds, "features", None), True, ds)
     if src.kind == "hf":
         if not src.hf_id:
             raise StageError(f"dataset {dataset}: source kind 'hf' needs ingest.{dataset}.hf_id")
         desc = f"hf {src.hf_id}" + (f"[{src.hf_config}]" if src.hf_config else "") + f" split {src.split}"
         try:
-            rows, features = load_hf_rows(src.hf_id, src.hf_config, src.split, src.streaming)
+            ds = load_hf_dataset(src.hf_id, src.hf_config, src.split, src.streaming)
         except Exception as exc:
             raise StageError(f"dataset {dataset}: cannot load {desc}: {type(exc).__name__}: {exc}") from exc
-        return Source(rows, desc, src.text_field, features, True)
+        return Source(iter(ds), desc, src.text_field, getattr(ds, "features", None), True, ds)
     raise StageError(f"dataset {dataset}: unknown source kind {src.kind!r} (embedded, files, hf)")
 
 
@@ -358,6 +291,11 @@ def check_sources(params: Params) -> None:
             raise StageError(f"dataset {dataset}: unknown source kind {src.kind!r} (embedded, files, hf)")
 
 
+def _string_column(source: Source) -> bool:
+    feature = source.features.get(source.text_field) if source.features is not None else None
+    return type(feature).__name__ == "Value" and getattr(feature, "dtype", "") in ("string", "large_string")
+
+
 def check_schema(dataset: str, source: Source, first_row: dict) -> None:
     """Schema-level problems are configuration errors, not rows to drop: fail with the field list."""
     if not source.from_datasets:
@@ -371,11 +309,7 @@ def check_schema(dataset: str, source: Source, first_row: dict) -> None:
             )
     feature = source.features[source.text_field] if dataset == "pretrain" and source.features else None
     # a Value of another dtype is a wrong column; Json() means mixed types, which are checked per row
-    if (
-        feature is not None
-        and type(feature).__name__ == "Value"
-        and feature.dtype not in ("string", "large_string")
-    ):
+    if type(feature).__name__ == "Value" and not _string_column(source):
         raise StageError(
             f"dataset {dataset}: field {source.text_field!r} in {source.description} has type "
             f"{feature}, expected a string column"
@@ -393,97 +327,188 @@ class Counts:
     examples: dict[str, str] = field(default_factory=dict)  # first dropped row per reason
 
     def drop(self, reason: str, index: int, row: Any) -> None:
+        """`row` may be a function giving it: only the first row per reason is shown."""
         self.dropped[reason] += 1
-        self.examples.setdefault(reason, f"row {index}: {_preview(row)}")
+        if reason not in self.examples:
+            self.examples[reason] = f"row {index}: {_preview(row() if callable(row) else row)}"
 
     def summary(self, description: str) -> dict[str, Any]:
-        return {
-            "source": description,
-            "rows_in": self.rows_in,
-            "rows_kept": self.rows_kept,
-            "bytes_kept": self.bytes_kept,
-            "capped": self.capped,
-            "dropped": dict(self.dropped),
-        }
+        counts = {k: getattr(self, k) for k in ("rows_in", "rows_kept", "bytes_kept", "capped")}
+        return {"source": description, **counts, "dropped": dict(self.dropped)}
 
 
 def dataset_cap(dataset: str, cfg: IngestConfig) -> int:
-    caps = [
-        cfg.max_documents,
-        {"sft": cfg.max_sft_examples, "preference": cfg.max_preference_pairs}.get(dataset, 0),
-    ]
-    caps = [c for c in caps if c > 0]
+    own = {"sft": cfg.max_sft_examples, "preference": cfg.max_preference_pairs}.get(dataset, 0)
+    caps = [c for c in (cfg.max_documents, own) if c > 0]
     return min(caps) if caps else 0
+
+
+class RowGroupWriter:
+    """ParquetWriter in row groups of exactly ROW_GROUP rows however they arrive (same rows -> same bytes).
+    Writes run in a thread (pyarrow encodes and compresses without the GIL), overlapping the reading and
+    filtering of the next rows; one write in flight bounds the memory."""
+
+    def __init__(self, out: Path, schema: pa.Schema) -> None:
+        self.writer = pq.ParquetWriter(out, schema, compression="zstd")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-write")
+        self.tables: list[pa.Table] = []
+        self.pending: Future | None = None
+
+    def add(self, table: pa.Table | None) -> None:
+        """Queue rows; None writes what is left."""
+        self.tables += [] if table is None else [table]
+        whole = pa.concat_tables(self.tables) if self.tables else None
+        if whole is None or (table is not None and whole.num_rows < ROW_GROUP):
+            return
+        full = whole.num_rows - (whole.num_rows % ROW_GROUP if table is not None else 0)
+        self.tables = [whole.slice(full)]
+        for start in range(0, full, ROW_GROUP):
+            if self.pending is not None:
+                self.pending.result()
+            group = whole.slice(start, min(ROW_GROUP, full - start)).combine_chunks()
+            self.pending = self.pool.submit(self.writer.write_table, group)
+
+    def close(self, ok: bool) -> None:
+        try:
+            if ok:
+                self.add(None)
+            if self.pending is not None:
+                self.pending.result()
+        finally:
+            self.pool.shutdown()
+            self.writer.close()
+
+
+# Rows are filtered in chunks: (filter texts: string array, null where a row already has a drop reason;
+# those reasons; the row at a position, for the example shown when all rows are dropped; a function making
+# the output table from the kept positions and the index of the chunk's first row)
+Chunk = tuple[pa.Array, list[str | None], Callable[[int], Any], Callable[[list[int], int], pa.Table]]
+
+
+def _table_row(table: pa.Table, i: int) -> dict:
+    return table.slice(i, 1).to_pylist()[0]
+
+
+def _arrow_chunks(source: Source) -> Iterator[Chunk]:
+    """Pretrain text from a `datasets` string column, read as arrow batches: no dict per row, no copy."""
+    for n, table in enumerate(source.dataset.with_format("arrow").iter(batch_size=ROW_GROUP)):
+        if n == 0:
+            check_schema("pretrain", source, dict.fromkeys(table.column_names))
+        arr = table.column(source.text_field).combine_chunks().cast(pa.string())
+
+        def build(kept: list[int], base: int, arr: pa.Array = arr) -> pa.Table:
+            names = pa.array([f"{source.description}#{base + i}" for i in kept], pa.string())
+            text = arr if len(kept) == len(arr) else arr.take(pa.array(kept, pa.int64()))
+            return pa.Table.from_arrays([text, names], schema=SCHEMAS["pretrain"])
+
+        yield arr, [None] * len(arr), functools.partial(_table_row, table), build
+
+
+def _row_chunks(dataset: str, source: Source, cfg: IngestConfig, size: Callable[[], int]) -> Iterator[Chunk]:
+    """Rows as dicts (embedded, txt, conversations, pairs, mixed-type columns), extracted one by one, size()
+    rows or BATCH_CHARS of text a chunk. Lengths are checked here: a too long row is never copied."""
+    extract, rows, index = EXTRACTORS[dataset], iter(source.rows), 0
+    while True:
+        batch, records, texts, pre, chars = [], [], [], [], 0
+        for row in itertools.islice(rows, size()):
+            check_schema(dataset, source, row) if index == 0 else None
+            index += 1
+            record, reason, text = extract(row, source.text_field)
+            if reason is None and len(text) < cfg.min_chars:
+                reason = "too_short"
+            elif reason is None and cfg.max_chars and len(text) > cfg.max_chars:
+                reason = "too_long"  # before any pass over the text: a huge row costs nothing more
+            batch.append(row)
+            records.append(record)
+            pre.append(reason)
+            texts.append(None if reason else text)
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                break
+        if not batch:
+            return
+
+        def build(kept: list[int], base: int, batch: list = batch, records: list = records) -> pa.Table:
+            for i in kept:  # embedded and txt rows name their origin; a dataset's own columns are not trusted
+                own = None if source.from_datasets else batch[i].get("source")
+                records[i]["source"] = str(own or f"{source.description}#{base + i}")
+            return pa.Table.from_pylist([records[i] for i in kept], schema=SCHEMAS[dataset])
+
+        yield pa.array(texts, pa.string()), pre, batch.__getitem__, build
+
+
+def filter_reasons(arr: pa.Array, pre: list[str | None], cfg: IngestConfig) -> tuple[list, list]:
+    """Per row: its drop reason (`pre`, else missing_field, too_short, too_long, non_printable, in that
+    order) and, for rows with none, the dedup key text_hash; vectorised over the chunk."""
+    chars = pc.utf8_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+    null, short = arr.is_null().to_numpy(zero_copy_only=False).tolist(), (chars < cfg.min_chars).tolist()
+    long = (chars > cfg.max_chars).tolist() if cfg.max_chars else [False] * len(arr)
+    reasons = [
+        r or ("missing_field" if n else "too_short" if s else "too_long" if g else None)
+        for r, n, s, g in zip(pre, null, short, long, strict=True)
+    ]
+    todo = [i for i, reason in enumerate(reasons) if reason is None]  # too long rows are not copied
+    digests: list[bytes | None] = [None] * len(arr)
+    subset = arr if len(todo) == len(arr) else arr.take(pa.array(todo, pa.int64()))
+    for i, digest in zip(todo, text_digests(subset, cfg.min_printable_ratio), strict=True):
+        reasons[i], digests[i] = (None, digest) if digest else ("non_printable", None)
+    return reasons, digests
 
 
 def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -> Counts:
     """Filter source rows into the parquet file `out`; returns the counts. Pure apart from `out`."""
-    extract = EXTRACTORS[dataset]
-    cap = dataset_cap(dataset, cfg)
-    max_bytes = cfg.max_bytes if dataset == "pretrain" else 0
-    counts, seen, buffer = Counts(), set(), []
-    schema = SCHEMAS[dataset]
-    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-        index = -1
-        try:
-            for index, row in enumerate(source.rows):
+    cap, max_bytes = dataset_cap(dataset, cfg), cfg.max_bytes if dataset == "pretrain" else 0
+    counts, seen, index = Counts(), set(), 0
+    if dataset == "pretrain" and source.dataset is not None and _string_column(source):
+        chunks = _arrow_chunks(source)
+    else:  # reading no further than the row that may hit the cap
+        chunks = _row_chunks(
+            dataset, source, cfg, lambda: min(cap - counts.rows_kept + 1 if cap else ROW_GROUP, ROW_GROUP)
+        )
+    writer, ok = RowGroupWriter(out, SCHEMAS[dataset]), False
+    try:
+        for arr, pre, row, build in chunks:
+            reasons, digests = filter_reasons(arr, pre, cfg)
+            nbytes = pc.binary_length(arr).fill_null(0).to_numpy(zero_copy_only=False).tolist()
+            kept: list[int] = []
+            for i, reason in enumerate(reasons):
                 counts.rows_in += 1
-                if index == 0:
-                    check_schema(dataset, source, row)
                 if cap and counts.rows_kept >= cap:
-                    counts.drop("cap", index, row)
-                    counts.capped = True
-                    break
-                record, reason, text = extract(row, source.text_field)
-                plain = None
+                    reason = "cap"
+                elif reason is None:
+                    reason = "duplicate" if digests[i] in seen else None
+                    seen.add(digests[i])
+                    if reason is None and max_bytes and counts.bytes_kept + nbytes[i] > max_bytes:
+                        reason = "cap"
                 if reason is None:
-                    n = len(text)
-                    if n < cfg.min_chars:
-                        reason = "too_short"
-                    elif cfg.max_chars and n > cfg.max_chars:
-                        reason = "too_long"  # before any pass over the text: a huge row costs nothing more
-                    elif printable_ratio(text, plain := plain_ascii(text)) < cfg.min_printable_ratio:
-                        reason = "non_printable"
-                if reason is None:
-                    digest = text_hash(text, plain)
-                    reason = "duplicate" if digest in seen else None
-                    seen.add(digest)
-                if reason is not None:
-                    counts.drop(reason, index, row)
+                    kept.append(i)
+                    counts.rows_kept, counts.bytes_kept = counts.rows_kept + 1, counts.bytes_kept + nbytes[i]
                     continue
-                nbytes = len(plain) if plain is not None else len(text.encode("utf-8"))
-                if max_bytes and counts.bytes_kept + nbytes > max_bytes:
-                    counts.drop("cap", index, row)
+                counts.drop(reason, index + i, lambda i=i, row=row: row(i))
+                if reason == "cap":  # reading stops at the first row over a cap
                     counts.capped = True
                     break
-                # embedded and txt rows name their origin; a dataset's own columns are not trusted for it
-                own = None if source.from_datasets else row.get("source")
-                assert record is not None  # no drop reason means a record was extracted
-                record["source"] = str(own or f"{source.description}#{index}")
-                buffer.append(record)
-                counts.rows_kept += 1
-                counts.bytes_kept += nbytes
-                if len(buffer) == ROW_GROUP:
-                    writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
-                    buffer = []
-        except StageError:
-            raise
-        except Exception as exc:  # a bad page, a decode error or a network error while streaming
-            raise StageError(
-                f"dataset {dataset}: reading {source.description} failed at row {index + 1}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        if buffer:
-            writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+            writer.add(build(kept, index)) if kept else None
+            index += len(reasons)
+            if counts.capped:
+                break
+        ok = True
+    except StageError:
+        raise
+    except Exception as exc:  # a bad page, a decode error or a network error while streaming
+        raise StageError(
+            f"dataset {dataset}: reading {source.description} failed after row {index}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        writer.close(ok)
     if counts.rows_in == 0:
         raise StageError(f"dataset {dataset}: {source.description} is empty (no rows)")
     if counts.rows_kept == 0:
-        reasons = ", ".join(f"{k}={v}" for k, v in counts.dropped.items() if v)
+        dropped = ", ".join(f"{k}={v}" for k, v in counts.dropped.items() if v)
         examples = "; ".join(f"{k}: {v}" for k, v in counts.examples.items())
-        raise StageError(
-            f"dataset {dataset}: all {counts.rows_in} rows from {source.description} were "
-            f"dropped ({reasons}); e.g. {examples}"
-        )
+        msg = f"all {counts.rows_in} rows from {source.description} were dropped ({dropped}); e.g. {examples}"
+        raise StageError(f"dataset {dataset}: {msg}")
     return counts
 
 
@@ -509,14 +534,15 @@ def run(params: Params, tracker: Any = None) -> dict[str, Any]:
             source = open_source(dataset, src, cfg.seed)
             counts = ingest_dataset(dataset, source, cfg, tmp / f"{dataset}.parquet")
             summary[dataset] = counts.summary(source.description)
+            dropped = {k: v for k, v in counts.dropped.items() if v}
             log.info(
                 "ingest %s: kept %d of %d rows from %s; dropped %s",
                 dataset,
                 counts.rows_kept,
                 counts.rows_in,
                 source.description,
-                {k: v for k, v in counts.dropped.items() if v},
-            )
+                dropped,
+            )  # noqa: E501
         write_json(tmp / "summary.json", summary)
     metrics = flat_metrics(summary)
     write_json(paths.METRICS / "ingest.json", metrics)

@@ -29,9 +29,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from tasks import paths  # noqa: E402
 from tasks.config import Params, ValidateConfig  # noqa: E402
-from tasks.ingest import printable_ratio  # noqa: E402
 from tasks.io import atomic_path, write_json  # noqa: E402
 from tasks.stage import StageError, stage_main  # noqa: E402
+from tasks.textclean import printable_ratio  # noqa: E402
 
 log = logging.getLogger("tasks.validate")  # not __name__: under `python -m` that is "__main__"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import embedded, ingest, validate
+from tasks import embedded, ingest, textclean, validate
 from tasks.stage import StageError
 from tests.datahelpers import (
     REPO,
@@ -289,3 +290,45 @@ def test_ingest_drops_a_single_50mb_line_as_too_long_in_bounded_memory(tmp_path)
     assert (
         max(len(t) for t in pq.read_table(tmp_path / "data/raw/pretrain.parquet")["text"].to_pylist()) < 100
     )
+
+
+def test_batch_dedup_keys_and_utf8_check_match_the_per_text_reference(tmp_path):
+    """The vectorised keys (a whole arrow batch at once) are text_hash's bytes for every kind of text:
+    ASCII, non-ASCII, Unicode and control whitespace, empty; the block-wise UTF-8 check gives the same
+    error position as a full decode, with sequences cut at every block boundary."""
+    rng = random.Random(0)
+    alphabet = "aB \t\n\r  xYz\x0b\x0c\x1c\x1f\x00é中\x7f.,\xa0\u2003ＡİÉﬁ\u3000\x85😀"
+    rows = [
+        "",
+        " ",
+        "  ",
+        "a ",
+        " a",
+        "\n\nA  b\t",
+        *("".join(rng.choices(alphabet, k=rng.randint(0, 24))) for _ in range(1500)),
+    ]
+    arr = pa.array(rows)
+    for ratio in (0.0, 0.95):
+        for batch in (arr, arr.slice(5, 700), arr.cast(pa.large_string())):
+            want = [
+                textclean.text_hash(t) if textclean.printable_ratio(t) >= ratio else None
+                for t in batch.to_pylist()
+            ]
+            assert textclean.text_digests(batch, ratio) == want
+    good = "".join(rng.choices("ab\n é中😀", k=300)).encode()
+    for cut in (0, 7, 150, len(good)):
+        for data in (good, good[:cut] + b"\xff" + good[cut:], good[:cut] + b"\xe4\xb8"):
+            path = tmp_path / "u.txt"
+            path.write_bytes(data)
+            try:
+                data.decode("utf-8")
+                expected = None
+            except UnicodeDecodeError as exc:
+                line = data[: exc.start].count(b"\n") + 1
+                expected = f"at byte {exc.start} (line {line})"
+            for chunk in (1, 2, 3, 5, 64):
+                if expected is None:
+                    textclean.check_utf8("pretrain", path, chunk=chunk)
+                else:
+                    with pytest.raises(StageError, match=re.escape(expected)):
+                        textclean.check_utf8("pretrain", path, chunk=chunk)

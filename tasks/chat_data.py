@@ -10,6 +10,7 @@ generator seeded from (seed, step, micro_step). Two batch layouts for SFT:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,16 @@ class Pair:
     prompt: list[int]  # rendered prompt ending with <|assistant|>
     chosen: list[int]  # response ids (ending with <|end|>)
     rejected: list[int]
+    kind: str = ""  # how the rejected answer was made, when the source says (embedded: other|truncated|...)
+
+
+# Embedded pairs record the kind of rejected answer in `source`: "embedded:<qual>|<kind>:<qual>".
+_KIND = re.compile(r"^embedded:[^|]*\|(\w+):")
+
+
+def rejected_kind(source: object) -> str:
+    match = _KIND.match(source) if isinstance(source, str) else None
+    return match.group(1) if match else ""
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +108,8 @@ def preference_pairs(tokenizer: ChatTokenizer, seq_len: int) -> list[Pair]:
         keep_prompt = max(1, seq_len - max(len(chosen), len(rejected)))
         keep_prompt = max(keep_prompt, seq_len // 4)
         prompt = prompt[-keep_prompt:]
-        out.append(Pair(prompt, chosen[: seq_len - len(prompt)], rejected[: seq_len - len(prompt)]))
+        room = seq_len - len(prompt)
+        out.append(Pair(prompt, chosen[:room], rejected[:room], rejected_kind(row.get("source"))))
     return out
 
 
@@ -160,6 +172,15 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     mask = pad(masks, 0, fill=0)[:, : tokens.shape[1] - 1].float()
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     return {"tokens": tokens, "mask": mask, "lengths": lengths}
+
+
+def accuracy_by_kind(wins: list[float], kinds: list[str], prefix: str) -> dict[str, float]:
+    """{prefix/<kind>: mean win} for each kind of rejected answer present; {} when no pair has a kind."""
+    by_kind: dict[str, list[float]] = {}
+    for win, kind in zip(wins, kinds, strict=True):
+        if kind:
+            by_kind.setdefault(kind, []).append(win)
+    return {f"{prefix}/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}
 
 
 def sample(n: int, k: int, seed: int, step: int, micro_step: int) -> np.ndarray:

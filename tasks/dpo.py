@@ -3,7 +3,9 @@
 The reference log-probs of every pair are computed once before training (the reference never changes)
 and cached in the stage's state dir, keyed by the reference weights, the tokenizer and the pairs, so a
 resumed run does not recompute them. Metrics carry TRL's names: rewards/chosen, rewards/rejected,
-rewards/margins, rewards/accuracies, logps/chosen, logps/rejected.
+rewards/margins, rewards/accuracies, logps/chosen, logps/rejected; held-out ones are over every val pair
+(in micro-batches), with the accuracy per kind of rejected answer when the pairs say it
+(`val/rewards/accuracies/<kind>`, as in the reward stage).
 
 Health alerts (also used by rlhf): checked on the last step's metrics, before the loop writes anything,
 so with `alerts.fail_on_alert` a failing stage leaves no checkpoint and no metrics file behind.
@@ -85,7 +87,8 @@ class DirectPreference:
         )
         return self._batch([int(self.train_idx[i]) for i in pick])
 
-    def _loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def _terms(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Per pair [B]: DPO loss, implicit rewards chosen and rejected, policy log-probs chosen and rejected."""
         chosen, rejected = pair_logps(model, batch)
         losses, r_chosen, r_rejected = dpo_loss(
             chosen,
@@ -96,25 +99,46 @@ class DirectPreference:
             loss_type=self.cfg.loss_type,
             label_smoothing=self.cfg.label_smoothing,
         )
-        return losses.mean(), {
+        return losses, r_chosen, r_rejected, chosen.detach(), rejected.detach()
+
+    @staticmethod
+    def _metrics(
+        r_chosen: torch.Tensor, r_rejected: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
+    ) -> dict[str, float]:
+        return {
             "rewards/chosen": float(r_chosen.mean()),
             "rewards/rejected": float(r_rejected.mean()),
             "rewards/margins": float((r_chosen - r_rejected).mean()),
             "rewards/accuracies": float((r_chosen > r_rejected).float().mean()),
-            "logps/chosen": float(chosen.detach().mean()),
-            "logps/rejected": float(rejected.detach().mean()),
+            "logps/chosen": float(chosen.mean()),
+            "logps/rejected": float(rejected.mean()),
         }
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        return self._loss(model, batch)
+        losses, *rest = self._terms(model, batch)
+        return losses.mean(), self._metrics(*rest)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Every held-out pair, in micro-batches (one batch of them all would hold [2N, T, V] logits)."""
         device = next(model.parameters()).device
         idx = [int(i) for i in self.val_idx]
-        batch = {k: v.to(device) for k, v in self._batch(idx).items()}
-        loss, metrics = self._loss(model, batch)
-        return {"val/loss": float(loss)} | {f"val/{k}": v for k, v in metrics.items()}
+        size = self.cfg.train.micro_batch_size
+        parts = []
+        for start in range(0, len(idx), size):
+            batch = {k: v.to(device) for k, v in self._batch(idx[start : start + size]).items()}
+            parts.append(self._terms(model, batch))
+        losses, r_chosen, r_rejected, chosen, rejected = (
+            torch.cat(t).float() for t in zip(*parts, strict=True)
+        )
+        wins = (r_chosen > r_rejected).float().tolist()
+        kinds = [self.pairs[i].kind for i in idx]
+        return (
+            {"val/loss": float(losses.mean())}
+            | {f"val/{k}": v for k, v in self._metrics(r_chosen, r_rejected, chosen, rejected).items()}
+            | chat_data.accuracy_by_kind(wins, kinds, "val/rewards/accuracies")
+            | {"val/pairs": float(len(idx))}
+        )
 
     def tokens_in(self, batch: Batch) -> int:
         return int(batch["tokens"].numel())

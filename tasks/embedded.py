@@ -4,8 +4,20 @@
   documents at statement/paragraph boundaries, then the `pydoc_data.topics` help texts.
 - sft: questions about documented public functions, classes and methods, answered with the first
   paragraph of their real docstring (found by parsing with `ast`; no stdlib module is imported).
-- preference: the same questions; chosen = the right paragraph, rejected = another object's paragraph
-  (from the same module where possible, so the pair is a hard negative rather than an obvious one).
+- preference: the same questions; chosen = the right paragraph. The rejected answer is one of three
+  kinds of bad answer, drawn by the seeded RNG with equal odds (`REJECTED_KINDS`):
+  - `other`: another object's paragraph, from the same module where possible: a wrong answer that reads
+    well. Telling it apart needs the question to be matched with the answer, which a small model trained
+    for minutes does not learn (held-out accuracy at chance with this kind alone, see issue #5);
+  - `truncated`: the right paragraph cut mid-sentence, 30-70% of its words kept, the tail dropped: an
+    incomplete answer;
+  - `shuffled`: the right paragraph's words in a random order, the final punctuation left at the end: an
+    incoherent answer with the right words and about the right length (so length alone cannot tell).
+  The last two are failures of a weak generator that preference data is meant to push down, and carry a
+  signal a small model learns: the tiny reward model ranks about 0.8-0.95 of held-out truncated pairs and
+  0.5-0.8 of shuffled ones right, while `other` stays near 0.5 (the reward and DPO stages report the
+  accuracy per kind). The kind is recorded in `source` ("embedded:<qual>|<kind>:<other qual or qual>");
+  chosen != rejected always.
 
 The same Python build gives the same rows in the same order on every run; the phrasing of questions is
 chosen by a seeded RNG.
@@ -259,8 +271,50 @@ def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[di
         yield {"messages": messages, "source": f"embedded:{source}"}
 
 
+REJECTED_KINDS = ("other", "truncated", "shuffled")
+_FINAL_PUNCT = re.compile(r"[.!?:;,]+$")
+
+
+def truncated(answer: str, rng: random.Random) -> str:
+    """The answer cut mid-sentence: the first 30-70% of its words (at least one), trailing punctuation
+    dropped, so it stops where no sentence ends. '' if that is the answer itself (a one-word answer)."""
+    words = answer.split()
+    keep = max(1, min(len(words) - 1, round(len(words) * rng.uniform(0.3, 0.7))))
+    text = _FINAL_PUNCT.sub("", " ".join(words[:keep])).rstrip()
+    return text if text and text != answer else ""
+
+
+def shuffled(answer: str, rng: random.Random) -> str:
+    """The answer's words in a seeded random order, its final punctuation kept at the end; '' when no
+    order differs from the original (a single word, or all words the same)."""
+    end = _FINAL_PUNCT.search(answer)
+    body = answer[: end.start()] if end else answer
+    words = body.split()
+    if len(set(words)) < 2:
+        return ""
+    for _ in range(10):
+        rng.shuffle(words)
+        text = " ".join(words[:-1] + [words[-1].rstrip(",;:")]) + (end.group() if end else "")
+        if text != answer:
+            return text
+    return ""
+
+
+def _other_answer(
+    entry: DocEntry, entries: tuple[DocEntry, ...], same_module: list[DocEntry], rng: random.Random
+) -> DocEntry | None:
+    if same_module:
+        return same_module[rng.randrange(len(same_module))]
+    for _ in range(20):  # nearly every draw differs; the bound keeps this a pure loop
+        other = entries[rng.randrange(len(entries))]
+        if other.answer != entry.answer:
+            return other
+    return None
+
+
 def preference_pairs(seed: int = 1337, root: Path | None = None) -> Iterator[dict[str, str]]:
-    """{"prompt", "chosen", "rejected", "source"}; rejected is another object's (different) paragraph."""
+    """{"prompt", "chosen", "rejected", "source"}: chosen is the right paragraph, rejected another object's
+    paragraph, the right one truncated, or the right one shuffled (see the module docstring)."""
     entries = doc_entries(root)
     if len(entries) < 2:
         return
@@ -269,20 +323,22 @@ def preference_pairs(seed: int = 1337, root: Path | None = None) -> Iterator[dic
         by_module.setdefault(e.module, []).append(e)
     rng = random.Random(seed + 1)  # its own stream: pairs do not mirror the SFT phrasing one to one
     for entry in _shuffled(entries, seed + 1):
-        same_module = [e for e in by_module[entry.module] if e.answer != entry.answer]
-        if same_module:
-            other = same_module[rng.randrange(len(same_module))]
-        else:
-            other = entry
-            for _ in range(20):  # nearly every draw differs; the bound keeps this a pure loop
-                other = entries[rng.randrange(len(entries))]
-                if other.answer != entry.answer:
-                    break
-            if other.answer == entry.answer:
+        prompt = question(entry, rng)
+        kind = REJECTED_KINDS[rng.randrange(len(REJECTED_KINDS))]
+        rejected, about = "", entry.qual
+        if kind == "truncated":
+            rejected = truncated(entry.answer, rng)
+        elif kind == "shuffled":
+            rejected = shuffled(entry.answer, rng)
+        if not rejected:  # "other" was drawn, or the answer is too short to corrupt
+            same_module = [e for e in by_module[entry.module] if e.answer != entry.answer]
+            other = _other_answer(entry, entries, same_module, rng)
+            if other is None:
                 continue
+            kind, rejected, about = "other", other.answer, other.qual
         yield {
-            "prompt": question(entry, rng),
+            "prompt": prompt,
             "chosen": entry.answer,
-            "rejected": other.answer,
-            "source": f"embedded:{entry.qual}|{other.qual}",
+            "rejected": rejected,
+            "source": f"embedded:{entry.qual}|{kind}:{about}",
         }

@@ -1,7 +1,9 @@
 """Stage `reward`: a Bradley-Terry reward model (SFT trunk + scalar head) on preference pairs.
 
 The reward of a (prompt, response) is the head's value at the last real token. Held-out metrics:
-accuracy (reward chosen > reward rejected), mean margin, reward mean and std.
+accuracy (reward chosen > reward rejected), mean margin, reward mean and std, and, when the pairs say how
+their rejected answer was made (the embedded data: other / truncated / shuffled), the accuracy per kind
+(`val/accuracy/<kind>`), so that an overall figure never hides a kind of pair the model does not learn.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def pair_rewards(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
 
 
 def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    both = torch.cat([chosen, rejected]).detach()
+    chosen, rejected = chosen.detach(), rejected.detach()
+    both = torch.cat([chosen, rejected])
     return {
         "accuracy": float((chosen > rejected).float().mean()),
         "margin": float((chosen - rejected).mean()),
@@ -77,7 +80,11 @@ class PreferenceRanking:
             chosen.append(c)
             rejected.append(r)
         c, r = torch.cat(chosen), torch.cat(rejected)
-        return {f"val/{k}": v for k, v in reward_metrics(c, r).items()} | {"val/pairs": float(len(c))}
+        wins = (c > r).float().tolist()
+        by_kind = chat_data.accuracy_by_kind(wins, [p.kind for p in self.val], "val/accuracy")
+        return (
+            {f"val/{k}": v for k, v in reward_metrics(c, r).items()} | {"val/pairs": float(len(c))} | by_kind
+        )
 
     def tokens_in(self, batch: Batch) -> int:
         return int(batch["tokens"].numel())

@@ -7,7 +7,8 @@ Every rollout is saved in the state dir with the KL coefficient after its update
 continues on exactly the rollout (and coefficient) it was using and ends with the same weights.
 
 KL coefficient: fixed, or adaptive (Ziegler et al. 2019), which moves it so the rollout KL tracks
-`target_kl`. Health alert: any rollout KL above `alerts.ppo_max_kl` (checked at the last step, before
+`target_kl`. Held-out reward: responses sampled with fixed seeds on held-out prompts, scored by the
+reward model, for the starting policy (`val/reward_mean_initial`) and at each evaluation (`val/reward_mean`). Health alert: any rollout KL above `alerts.ppo_max_kl` (checked at the last step, before
 anything is written; `alerts.fail_on_alert` makes it fail the stage).
 """
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Until tasks/config.py has `RLHFConfig.kl_horizon`: the adaptive controller's horizon (TRL's default).
 KL_HORIZON_DEFAULT = 10_000
+EVAL_SEED = 999_983  # held-out responses are sampled with seeds no rollout uses (rollouts: seed = step)
 
 
 class KLController:
@@ -249,11 +251,19 @@ class ProximalPolicy:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Greedy responses on held-out prompts, scored by the reward model."""
-        idx = [int(i) for i in self.val_idx[: self.cfg.train.eval_batches * 4]]
-        batch = self.sample_responses(model.transformer, idx, seed=0, greedy=True)  # type: ignore[arg-type]
+        """Reward-model score of responses to held-out prompts, sampled as rollouts are (same temperature)
+        with fixed seeds: the expected reward PPO maximises, comparable from one evaluation to the next.
+        (Greedy decoding would score one degenerate response per prompt of a small model, not the policy.)"""
+        n = max(1, self.cfg.train.eval_batches * self.cfg.rollout_batch_size)
+        idx = [int(i) for i in self.val_idx[:n]]
+        batch = self.sample_responses(model.transformer, idx, seed=EVAL_SEED)  # type: ignore[arg-type]
         device = next(model.parameters()).device
-        return {"val/reward_mean": float(self.score({k: v.to(device) for k, v in batch.items()}).mean())}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scores = self.score(batch)
+        return {
+            "val/reward_mean": float(scores.mean()),
+            "val/response_tokens": float(batch["mask"].sum(-1).float().mean()),
+        }
 
     def tokens_in(self, batch: Batch) -> int:
         return int(batch["tokens"].numel())
@@ -300,6 +310,13 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     objective = ProximalPolicy(
         load_prompts(tokenizer, cfg, sft.config.max_seq_len), reference, reward_model, cfg, tokenizer
     )
+    # The starting policy's held-out reward, measured as every later evaluation is: the baseline that
+    # val/reward_mean is compared with (metrics: val/reward_mean_initial).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    with torch.no_grad(), objective.autocast(device):
+        initial = objective.evaluate(model)["val/reward_mean"]
+    log.info("before PPO: val/reward_mean=%.4g (the %s policy)", initial, reference_name)
     state, metrics = train(
         model,
         objective,
@@ -311,6 +328,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
             cfg.train.max_steps, lambda _: objective.kl_alerts(params.alerts.ppo_max_kl), params, tracker
         ),
     )
+    metrics["val/reward_mean_initial"] = initial
     # Downstream stages need a causal LM: the value head is training scaffolding and is dropped.
     policy = PolicyWithValue(Transformer(sft.config))
     policy.load_state_dict(state)

@@ -327,7 +327,9 @@ def test_heldout_rows_exclude_every_training_split():
     assert rows and how.startswith("intersection")
     rlhf_train = chat_data.split(150, 0.1, params.rlhf.train.seed)[0]
     assert max(rows) < 150 and not set(rows) & set(rlhf_train.tolist())
-    assert not set(rows) & set(chat_data.split(200, 0.1, params.dpo.train.seed)[0].tolist())
+    assert not set(rows) & set(
+        chat_data.split(200, params.dpo.val_fraction, params.dpo.train.seed)[0].tolist()
+    )
     other = Params()
     other.dpo.train.seed = 7
     other.rlhf.train.seed = 8

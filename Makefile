@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run repro test test-fast lint typecheck bench clean
+.PHONY: setup run repro test test-fast lint typecheck bench audit clean
 
 setup: $(STAMP)
 
@@ -46,5 +46,12 @@ typecheck: setup
 bench: setup
 	$(BIN)/python benchmarks/pretrain.py
 
+# pip-audit of the pinned set, in its own venv (not a project dependency). It needs PyPI's per-version JSON
+# API or api.osv.dev; without them every package reports "not found on PyPI" and the target fails.
+audit:
+	$(PYTHON) -m venv .audit
+	.audit/bin/pip install -q pip-audit
+	.audit/bin/pip-audit --strict --no-deps --disable-pip -r requirements.lock
+
 clean:
-	rm -rf $(VENV) .prefect mlflow.db mlartifacts
+	rm -rf $(VENV) .audit .prefect mlflow.db mlartifacts

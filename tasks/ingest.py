@@ -404,6 +404,15 @@ def _arrow_chunks(source: Source) -> Iterator[Chunk]:
         yield arr, [None] * len(arr), functools.partial(_table_row, table), build
 
 
+def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """The next chunk is read (arrow's JSON parser, without the GIL) while this one is filtered."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-read") as pool:
+        ahead = pool.submit(next, chunks, None)
+        while (chunk := ahead.result()) is not None:
+            ahead = pool.submit(next, chunks, None)
+            yield chunk
+
+
 def _row_chunks(dataset: str, source: Source, cfg: IngestConfig, size: Callable[[], int]) -> Iterator[Chunk]:
     """Rows as dicts (embedded, txt, conversations, pairs, mixed-type columns), extracted one by one, size()
     rows or BATCH_CHARS of text a chunk. Lengths are checked here: a too long row is never copied."""
@@ -437,6 +446,18 @@ def _row_chunks(dataset: str, source: Source, cfg: IngestConfig, size: Callable[
         yield pa.array(texts, pa.string()), pre, batch.__getitem__, build
 
 
+_DIGEST_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-digest")
+
+
+def _digests(arr: pa.Array, min_printable_ratio: float) -> list[bytes | None]:
+    """text_digests in two halves on two threads: numpy and sha256 of rows over 2 KB run without the GIL."""
+    half = len(arr) // 2
+    if half < 256:
+        return text_digests(arr, min_printable_ratio)
+    parts = [_DIGEST_POOL.submit(text_digests, a, min_printable_ratio) for a in (arr[:half], arr[half:])]
+    return parts[0].result() + parts[1].result()
+
+
 def filter_reasons(arr: pa.Array, pre: list[str | None], cfg: IngestConfig) -> tuple[list, list]:
     """Per row: its drop reason (`pre`, else missing_field, too_short, too_long, non_printable, in that
     order) and, for rows with none, the dedup key text_hash; vectorised over the chunk."""
@@ -450,7 +471,7 @@ def filter_reasons(arr: pa.Array, pre: list[str | None], cfg: IngestConfig) -> t
     todo = [i for i, reason in enumerate(reasons) if reason is None]  # too long rows are not copied
     digests: list[bytes | None] = [None] * len(arr)
     subset = arr if len(todo) == len(arr) else arr.take(pa.array(todo, pa.int64()))
-    for i, digest in zip(todo, text_digests(subset, cfg.min_printable_ratio), strict=True):
+    for i, digest in zip(todo, _digests(subset, cfg.min_printable_ratio), strict=True):
         reasons[i], digests[i] = (None, digest) if digest else ("non_printable", None)
     return reasons, digests
 
@@ -460,7 +481,7 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
     cap, max_bytes = dataset_cap(dataset, cfg), cfg.max_bytes if dataset == "pretrain" else 0
     counts, seen, index = Counts(), set(), 0
     if dataset == "pretrain" and source.dataset is not None and _string_column(source):
-        chunks = _arrow_chunks(source)
+        chunks = _prefetched(_arrow_chunks(source))
     else:  # reading no further than the row that may hit the cap
         chunks = _row_chunks(
             dataset, source, cfg, lambda: min(cap - counts.rows_kept + 1 if cap else ROW_GROUP, ROW_GROUP)

@@ -214,7 +214,11 @@ def pipeline(
     )
     results: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    tags = {"pipeline.profile": profile, "pipeline.flow": "prefect", "prefect.flow_run_id": prefect_flow_run.id}
+    tags = {
+        "pipeline.profile": profile,
+        "pipeline.flow": "prefect",
+        "prefect.flow_run_id": prefect_flow_run.id,
+    }
     with tracking.flow_run("pipeline", tags) as parent:
         parent.log_params({"profile": profile, "overrides": " ".join(overrides or []), "force": force})
         experiment_id = parent.run.info.experiment_id

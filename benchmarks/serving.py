@@ -23,9 +23,7 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from flows.deploy import free_port  # noqa: E402
+from tests.servers import serve_model, stop_server  # noqa: E402
 
 CONFIGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -90,37 +88,6 @@ def post(port: int, body: dict[str, Any]) -> tuple[int, str, float]:
 def request(i: int, max_new: int) -> dict[str, Any]:
     messages = [{"role": "user", "content": f"What does function number {i} in json do?"}]
     return {"inputs": [{"messages": messages}], "params": {"max_new_tokens": max_new}}
-
-
-def start_server(uri: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        uri,
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 180
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/ping")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
 
 
 def quantiles(values: list[float]) -> dict[str, float | None]:
@@ -196,7 +163,7 @@ def main() -> None:
     runs = []
     for name in args.configs.split(","):
         env = {**base_env, **CONFIGS[name]}
-        proc, port = start_server(uri, env, root / f"server-{name}.log")
+        proc, port = serve_model(uri, env, root / f"server-{name}.log")
         try:
             post(port, request(0, args.max_new_tokens))  # warm-up: first-call allocations
             for round_ in range(args.rounds):
@@ -216,8 +183,7 @@ def main() -> None:
             alive = post(port, request(1, args.max_new_tokens))[0] == 200
             runs[-1]["alive_after"] = alive
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            stop_server(proc)
     print(
         json.dumps(
             {

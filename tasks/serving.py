@@ -202,6 +202,19 @@ class ChatModel(PythonModel):
             )
         return ids[-room:]
 
+    def _sampling(self, gen: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of models.generate.generate / stream: the same sampling for both paths."""
+        import torch
+
+        return {
+            "max_new_tokens": gen["max_new_tokens"],
+            "temperature": gen["temperature"],
+            "top_k": gen["top_k"],
+            "stop_tokens": [self.tokenizer.end_id, self.tokenizer.eos_id],
+            "pad_id": self.tokenizer.pad_id,
+            "generator": torch.Generator().manual_seed(gen["seed"]),
+        }
+
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
         import torch
 
@@ -223,16 +236,7 @@ class ChatModel(PythonModel):
                     with torch.no_grad():
                         results.append(float(self.model(prompt)[0, -1]))
                     continue
-                out = generate(
-                    self.model,
-                    prompt,
-                    max_new_tokens=gen["max_new_tokens"],
-                    temperature=gen["temperature"],
-                    top_k=gen["top_k"],
-                    stop_tokens=[self.tokenizer.end_id, self.tokenizer.eos_id],
-                    pad_id=self.tokenizer.pad_id,
-                    generator=torch.Generator().manual_seed(gen["seed"]),
-                )
+                out = generate(self.model, prompt, **self._sampling(gen))
                 results.append(self.tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
         return results
 
@@ -245,7 +249,6 @@ class ChatModel(PythonModel):
         ends inside a multi-byte character (the byte-level decoder shows it as U+FFFD until complete).
         One generation slot is held until the stream ends or is closed.
         """
-        import torch
 
         from models.generate import stream
 
@@ -257,15 +260,7 @@ class ChatModel(PythonModel):
         ids: list[int] = []
         shown = ""
         with self.admission.slot():
-            for token in stream(
-                self.model,
-                prompt,
-                max_new_tokens=gen["max_new_tokens"],
-                temperature=gen["temperature"],
-                top_k=gen["top_k"],
-                stop_tokens=[self.tokenizer.end_id, self.tokenizer.eos_id],
-                generator=torch.Generator().manual_seed(gen["seed"]),
-            ):
+            for token in stream(self.model, prompt, **self._sampling(gen)):
                 ids.append(token)
                 text = self.tokenizer.decode(ids)
                 if text.endswith("\ufffd") or not text.startswith(shown):

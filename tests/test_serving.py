@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.deploy import free_port
+from tests.servers import serve_model, stop_server
 from tests.workspace import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,34 +93,13 @@ def local(store):
 @pytest.fixture(scope="module")
 def server(store):
     root, uri = store
-    port = free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.update(LIMITS, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1"]
-    log = open(root / "server.log", "w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*cmd, "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, port = serve_model(uri, env, root / "server.log")
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/ping")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            log.seek(0)
-            assert proc.poll() is None and time.time() < deadline, log.read()[-4000:]
-            time.sleep(0.3)
         yield port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_server(proc)
 
 
 def clean_rejection(status: int, body: str) -> bool:

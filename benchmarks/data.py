@@ -44,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from tasks import embedded, encode, ingest, tokenizer  # noqa: E402
-from tasks.config import IngestConfig, SourceConfig, TokenizerConfig  # noqa: E402
+from tasks import encode, ingest, tokenizer  # noqa: E402
+from tasks.core.config import IngestConfig, SourceConfig, TokenizerConfig  # noqa: E402
+from tasks.data import embedded  # noqa: E402
 
 MB = 1e6
 
@@ -152,8 +153,8 @@ OURS_ENCODE = (
     + """
 import json, sys, time
 from tasks import encode
-from tasks.config import Params
-from tasks.tokens import ChatTokenizer
+from tasks.core.config import Params
+from tasks.data.chat_tokenizer import ChatTokenizer
 start_rss = memory_mb("VmRSS")
 start = time.perf_counter()
 index = encode.run(Params(), None)

@@ -26,8 +26,8 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.hf import export_hf  # noqa: E402
 from models.llama import Transformer  # noqa: E402
-from tasks import mmlu  # noqa: E402
-from tasks.tokens import ChatTokenizer  # noqa: E402
+from tasks.data.chat_tokenizer import ChatTokenizer  # noqa: E402
+from tasks.eval import mmlu  # noqa: E402
 
 MMLU_DIR = Path(__file__).resolve().parents[1] / "data" / "mmlu"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

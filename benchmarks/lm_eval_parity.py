@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from models.config import ModelConfig  # noqa: E402
 from models.hf import export_hf  # noqa: E402
 from models.llama import Transformer  # noqa: E402
-from tasks import mmlu  # noqa: E402
-from tasks.tokens import ChatTokenizer  # noqa: E402
+from tasks.data.chat_tokenizer import ChatTokenizer  # noqa: E402
+from tasks.eval import mmlu  # noqa: E402
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 

@@ -36,7 +36,7 @@ def setup(root: Path, args: argparse.Namespace) -> None:
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.llama import Transformer
-    from tasks.tokens import ChatTokenizer
+    from tasks.data.chat_tokenizer import ChatTokenizer
     from tests.workspace import make_workspace
 
     make_workspace(root, pairs=args.pairs)
@@ -62,12 +62,13 @@ def objective_for(task: str, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, objective, train config) as the sft / dpo stages build them."""
     import dataclasses
 
-    from tasks import chat_data, paths
-    from tasks.config import DPOConfig, TrainConfig
+    from tasks.core import paths
+    from tasks.core.config import DPOConfig, TrainConfig
+    from tasks.data import chat_data
+    from tasks.data.chat_tokenizer import ChatTokenizer
     from tasks.dpo import DirectPreference, reference_logps
     from tasks.sft import SupervisedChat
-    from tasks.tokens import ChatTokenizer
-    from tasks.training import load_causal_lm
+    from tasks.train.loop import load_causal_lm
 
     tok = ChatTokenizer.load(paths.TOKENIZER_JSON)
     model, _ = load_causal_lm("sft", tok.fingerprint)
@@ -122,7 +123,7 @@ def worker(task: str, impl: str, root: Path, args: argparse.Namespace) -> dict[s
             opt.step()
             counts.append((time.perf_counter(), unit_count(batch)))
     else:
-        from tasks.training import train
+        from tasks.train.loop import train
 
         cfg = dataclasses.replace(cfg, bf16=impl == "loop_bf16")
         inner_batch = objective.batch

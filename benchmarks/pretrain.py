@@ -43,8 +43,8 @@ from benchmarks.machine import cpu_name  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.llama import Transformer  # noqa: E402
-from tasks.config import TrainConfig  # noqa: E402
-from tasks.training import lr_at, measure_matmul_tflops  # noqa: E402
+from tasks.core.config import TrainConfig  # noqa: E402
+from tasks.train.loop import lr_at, measure_matmul_tflops  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=8192, n_layer=6, n_head=6, n_kv_head=6, d_model=384, max_seq_len=256)
 QUICK = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=4, d_model=128, max_seq_len=128)
@@ -141,7 +141,7 @@ def plain_loop(cfg_model: ModelConfig, args: argparse.Namespace, autocast: bool)
 
 def our_loop(cfg_model: ModelConfig, args: argparse.Namespace, **over: Any) -> dict[str, Any]:
     """The real tasks.training.train() path; tokens/s and MFU as the loop logs them (training time only)."""
-    from tasks.training import train
+    from tasks.train.loop import train
 
     torch.manual_seed(0)
     model = Transformer(cfg_model)

@@ -1,7 +1,7 @@
 """Serving latency under load: `mlflow models serve` of a registered chat model on loopback.
 
 A random model of the cpu profile's shape by default (4 layers, d=256, ctx 256; the tokenizer of
-tests/workspace.py) is logged and registered through tasks/tracking.py into a temp sqlite store and served
+tests/workspace.py) is logged and registered through tasks/core/tracking.py into a temp sqlite store and served
 with `mlflow models serve --env-manager local -h 127.0.0.1`. Special-token embeddings are zeroed, so greedy
 decoding never stops early and every request generates exactly --max-new-tokens tokens.
 
@@ -54,8 +54,8 @@ def register(root: Path, layers: int, d_model: int) -> str:
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.llama import Transformer
-    from tasks import tracking
-    from tasks.tokens import ChatTokenizer
+    from tasks.core import tracking
+    from tasks.data.chat_tokenizer import ChatTokenizer
     from tests.workspace import make_workspace
 
     make_workspace(root)

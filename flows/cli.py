@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.config import ConfigError, dump_params, resolve_params
+from tasks.core.config import ConfigError, dump_params, resolve_params
 
 
 def _resolve(args: argparse.Namespace):
@@ -38,7 +38,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _resolve(args)
-    from tasks import tracking
+    from tasks.core import tracking
 
     tracking.check_reachable()  # an unreachable tracking server fails here in seconds, before any training
     tracking.setup()
@@ -68,7 +68,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start a Prefect server and an MLflow server on the loopback interface; Ctrl-C stops both."""
     from flows.deploy import run_ui
-    from tasks import tracking
+    from tasks.core import tracking
 
     return run_ui(
         args.host,
@@ -81,7 +81,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     _resolve(args)
-    from tasks import tracking
+    from tasks.core import tracking
 
     tracking.check_reachable()
     from flows.deploy import serve

@@ -1,7 +1,7 @@
 """Registered models in use: `pipeline chat`, `pipeline export`, `pipeline replay`.
 
 A model is named `<registered name>@<alias>` (e.g. `pipeline-sft@champion`) or `<name>/<version>`, and
-is always loaded through MLflow (the pyfunc of tasks/serving.py), exactly as `mlflow models serve` loads it.
+is always loaded through MLflow (the pyfunc of tasks/serve/pyfunc.py), exactly as `mlflow models serve` loads it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import yaml
 
-from tasks import tracking
+from tasks.core import tracking
 
 
 def chat(
@@ -72,7 +72,7 @@ def chat(
 def export(ref: str, out_dir: Path) -> Path:
     """Write the registered model as a Hugging Face Llama checkpoint (+ tokenizer) that transformers loads."""
     from models.hf import export_hf
-    from tasks.tokens import CHAT_TEMPLATE
+    from tasks.data.chat_tokenizer import CHAT_TEMPLATE
 
     model, version = tracking.load_registered(ref)
     if model.meta.get("kind") == "scalar_head":

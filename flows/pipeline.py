@@ -25,8 +25,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as prefect_flow_run
 from pydantic import Field
 
-from tasks import tracking
-from tasks.config import dump_params, load_params, resolve_params
+from tasks.core import tracking
+from tasks.core.config import dump_params, load_params, resolve_params
 
 # Typed flow parameters: the Prefect UI renders them as a form; the API validates them on run creation.
 # (No `from __future__ import annotations` in this module: Prefect resolves these annotations at run time.)

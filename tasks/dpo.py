@@ -25,14 +25,15 @@ from safetensors.torch import save
 from torch import nn
 
 from models.llama import Transformer
-from tasks import chat_data, paths
-from tasks.config import DPOConfig, Params
-from tasks.io import atomic_write_bytes, sha256_file
-from tasks.launch import training_main
-from tasks.losses import dpo_loss, sequence_logps
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_causal_lm, train
+from tasks.core import paths
+from tasks.core.config import DPOConfig, Params
+from tasks.core.io import atomic_write_bytes, sha256_file
+from tasks.core.launch import training_main
+from tasks.core.stage import StageError
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.train.loop import Batch, finish_training, load_causal_lm, train
+from tasks.train.losses import dpo_loss, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def alerts_at_end(
     return on_step
 
 
-# Until tasks/config.py has `DPOConfig.reference`, the reference (and starting policy) is this checkpoint.
+# Until tasks/core/config.py has `DPOConfig.reference`, the reference (and starting policy) is this checkpoint.
 REFERENCE_DEFAULT = "sft"
 
 

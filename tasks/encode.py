@@ -25,12 +25,12 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks import paths
-from tasks.config import Params
-from tasks.io import atomic_path, read_json, write_json
-from tasks.shards import INDEX, SPLITS, check_tokens, load_shard, shard_path, token_dtype
-from tasks.stage import StageError, stage_main
-from tasks.tokens import ChatTokenizer
+from tasks.core import paths
+from tasks.core.config import Params
+from tasks.core.io import atomic_path, read_json, write_json
+from tasks.core.stage import StageError, stage_main
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.data.shards import INDEX, SPLITS, check_tokens, load_shard, shard_path, token_dtype
 
 __all__ = ["run", "split_assignment", "encode_file", "load_shard", "check_tokens"]
 

@@ -34,11 +34,13 @@ from typing import Any
 
 import torch
 
-from tasks import chat_data, mmlu, paths, perplexity
-from tasks.config import EvaluateConfig, Params
-from tasks.io import sha256_file, write_json
-from tasks.stage import StageError, stage_main
-from tasks.tokens import ChatTokenizer
+from tasks.core import paths
+from tasks.core.config import EvaluateConfig, Params
+from tasks.core.io import sha256_file, write_json
+from tasks.core.stage import StageError, stage_main
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.eval import mmlu, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,14 @@ PPL_BATCH = 8
 WINRATE_BATCH = 8
 POLICIES = ("sft", "dpo", "rlhf")  # the models that get a win rate against the SFT reference
 RLHF_VAL_FRACTION = 0.1  # tasks/rlhf.py ProximalPolicy holds out this fraction of its prompts
-# Until EvaluateConfig has the field: "truncate" (the harness) or "reduce" (fewer shots, see tasks/mmlu.py).
+# Until EvaluateConfig has the field: "truncate" (the harness) or "reduce" (fewer shots, see tasks/eval/mmlu.py).
 FEWSHOT_POLICY_DEFAULT = "truncate"
 # Metrics where lower is better (the table marks the best model per column).
 LOWER_IS_BETTER = {"ppl", "bpb", "word_ppl"}
 
 
 def fewshot_policy(cfg: EvaluateConfig) -> str:
-    from tasks.stage import StageError
+    from tasks.core.stage import StageError
 
     policy = str(getattr(cfg, "fewshot_policy", FEWSHOT_POLICY_DEFAULT))
     try:
@@ -518,7 +520,7 @@ def comparison_png(results: dict[str, dict[str, Any]]) -> bytes:
 
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
-    from tasks.io import atomic_write_bytes, atomic_write_text
+    from tasks.core.io import atomic_write_bytes, atomic_write_text
 
     cfg = params.evaluate
     torch.manual_seed(params.seed)
@@ -543,7 +545,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
                 f"{tokenizer.fingerprint[:12]}: its token ids mean other strings; re-run the stages after "
                 "`tokenizer` (dvc repro)"
             )
-    from tasks.shards import check_tokens
+    from tasks.data.shards import check_tokens
 
     val_shard = paths.TOKENS / "val.bin"
     shard_dtype = check_tokens(tokenizer)["dtype"]  # also: the shards were made by this tokenizer

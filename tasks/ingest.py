@@ -1,6 +1,6 @@
 """Stage `ingest`: read each dataset's source, clean it, write data/raw/{pretrain,sft,preference}.parquet.
 
-Sources (IngestConfig.<dataset>.kind): `embedded` (tasks/embedded.py), `files` (txt: one document per
+Sources (IngestConfig.<dataset>.kind): `embedded` (tasks/data/embedded.py), `files` (txt: one document per
 file; jsonl/json/parquet through `datasets.load_dataset`), `hf` (a Hub id or a local dataset dir through
 the same `datasets.load_dataset` call). Rows are streamed and never materialised as a whole.
 
@@ -28,11 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks import paths
-from tasks.config import IngestConfig, Params, SourceConfig
-from tasks.io import atomic_path, write_json
-from tasks.stage import StageError, stage_main
-from tasks.textclean import check_utf8, normalize, text_digests
+from tasks.core import paths
+from tasks.core.config import IngestConfig, Params, SourceConfig
+from tasks.core.io import atomic_path, write_json
+from tasks.core.stage import StageError, stage_main
+from tasks.data.textclean import check_utf8, normalize, text_digests
 
 log = logging.getLogger("tasks.ingest")  # not __name__: under `python -m` that is "__main__"
 
@@ -237,7 +237,7 @@ class Source:
 
 
 def open_source(dataset: str, src: SourceConfig, seed: int) -> Source:
-    from tasks import embedded
+    from tasks.data import embedded
 
     if src.kind == "embedded":
         rows = {"sft": embedded.sft_conversations, "preference": embedded.preference_pairs}.get(dataset)

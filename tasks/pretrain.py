@@ -4,7 +4,7 @@ Reads data/tokens/{train,val}.bin (+ index.json) and data/tokenizer/; writes dat
 (safetensors + config.json), data/metrics/pretrain.json and the loss curve data/plots/pretrain.csv.
 A killed run resumes from data/state/pretrain/ (same batches, same final weights).
 
-`pretrain.train.world_size: N` runs N processes (torchrun, see tasks/launch.py). Micro-batch k of a step
+`pretrain.train.world_size: N` runs N processes (torchrun, see tasks/core/launch.py). Micro-batch k of a step
 on rank r is window set number k * N + r of that step, so N ranks with grad_accum G see exactly the
 batches that one process with grad_accum N * G sees: the global batch does not depend on the layout.
 """
@@ -23,13 +23,13 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.llama import Transformer
-from tasks import paths
-from tasks.config import ConfigError, Params
-from tasks.launch import training_main
-from tasks.shards import check_tokens, load_shard
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, train
+from tasks.core import paths
+from tasks.core.config import ConfigError, Params
+from tasks.core.launch import training_main
+from tasks.core.stage import StageError
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.data.shards import check_tokens, load_shard
+from tasks.train.loop import Batch, finish_training, train
 
 log = logging.getLogger(__name__)
 

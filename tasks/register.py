@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
-from tasks import paths, tracking
-from tasks.config import Params, RegisterConfig
-from tasks.io import read_json, write_json
-from tasks.stage import StageError, stage_main
+from tasks.core import paths, tracking
+from tasks.core.config import Params, RegisterConfig
+from tasks.core.io import read_json, write_json
+from tasks.core.stage import StageError, stage_main
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,14 @@ from torch import nn
 
 from models.heads import ScalarHeadModel, last_token_values
 from models.llama import Transformer
-from tasks import chat_data, paths
-from tasks.config import Params
-from tasks.launch import training_main
-from tasks.losses import bradley_terry_loss
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_causal_lm, train
+from tasks.core import paths
+from tasks.core.config import Params
+from tasks.core.launch import training_main
+from tasks.core.stage import StageError
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.train.loop import Batch, finish_training, load_causal_lm, train
+from tasks.train.losses import bradley_terry_loss
 
 
 def pair_rewards(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

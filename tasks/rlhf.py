@@ -26,19 +26,20 @@ from torch import nn
 from models.generate import generate
 from models.heads import PolicyWithValue, last_token_values
 from models.llama import Transformer
-from tasks import chat_data, paths
-from tasks.config import Params, RLHFConfig
+from tasks.core import paths
+from tasks.core.config import Params, RLHFConfig
+from tasks.core.io import atomic_write_bytes
+from tasks.core.launch import training_main
+from tasks.core.stage import StageError
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.dpo import alerts_at_end, check_same_architecture
-from tasks.io import atomic_write_bytes
-from tasks.launch import training_main
-from tasks.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_causal_lm, load_stage_model, train
+from tasks.train.loop import Batch, finish_training, load_causal_lm, load_stage_model, train
+from tasks.train.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
 
 log = logging.getLogger(__name__)
 
-# Until tasks/config.py has `RLHFConfig.kl_horizon`: the adaptive controller's horizon (TRL's default).
+# Until tasks/core/config.py has `RLHFConfig.kl_horizon`: the adaptive controller's horizon (TRL's default).
 KL_HORIZON_DEFAULT = 10_000
 EVAL_SEED = 999_983  # held-out responses are sampled with seeds no rollout uses (rollouts: seed = step)
 

@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.llama import Transformer
-from tasks import chat_data, paths
-from tasks.config import Params
-from tasks.launch import training_main
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer
-from tasks.training import Batch, finish_training, load_causal_lm, train
+from tasks.core import paths
+from tasks.core.config import Params
+from tasks.core.launch import training_main
+from tasks.core.stage import StageError
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.train.loop import Batch, finish_training, load_causal_lm, train
 
-# Until tasks/config.py has `SFTConfig.packing`, this is its value.
+# Until tasks/core/config.py has `SFTConfig.packing`, this is its value.
 PACKING_DEFAULT = False
 
 

@@ -19,11 +19,11 @@ from typing import Any
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tasks import paths
-from tasks.config import Params, TokenizerConfig
-from tasks.io import atomic_path, atomic_write_text, sha256_file, write_json
-from tasks.stage import StageError, stage_main
-from tasks.tokens import ChatTokenizer, SpecialTokens, write_tokenizer_config
+from tasks.core import paths
+from tasks.core.config import Params, TokenizerConfig
+from tasks.core.io import atomic_path, atomic_write_text, sha256_file, write_json
+from tasks.core.stage import StageError, stage_main
+from tasks.data.chat_tokenizer import ChatTokenizer, SpecialTokens, write_tokenizer_config
 
 log = logging.getLogger("tasks.tokenizer")  # not __name__: under `python -m` that is "__main__"
 

@@ -27,11 +27,11 @@ logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its import 
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from tasks import paths  # noqa: E402
-from tasks.config import Params, ValidateConfig  # noqa: E402
-from tasks.io import atomic_path, write_json  # noqa: E402
-from tasks.stage import StageError, stage_main  # noqa: E402
-from tasks.textclean import printable_ratio  # noqa: E402
+from tasks.core import paths  # noqa: E402
+from tasks.core.config import Params, ValidateConfig  # noqa: E402
+from tasks.core.io import atomic_path, write_json  # noqa: E402
+from tasks.core.stage import StageError, stage_main  # noqa: E402
+from tasks.data.textclean import printable_ratio  # noqa: E402
 
 log = logging.getLogger("tasks.validate")  # not __name__: under `python -m` that is "__main__"
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks.config import Params, build
+from tasks.core.config import Params, build
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_INGEST = {"max_documents": 60, "max_sft_examples": 20, "max_preference_pairs": 20}

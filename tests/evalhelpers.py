@@ -9,7 +9,7 @@ import torch
 
 from models.config import ModelConfig
 from models.llama import Transformer
-from tasks.tokens import ChatTokenizer
+from tasks.data.chat_tokenizer import ChatTokenizer
 
 MMLU_DIR = Path(__file__).resolve().parents[1] / "data" / "mmlu"  # the vendored copy of shared/mmlu
 SUBJECTS = ["abstract_algebra", "anatomy", "world_religions"]

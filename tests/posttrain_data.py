@@ -19,8 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import embedded, paths
-from tasks.config import load_params
+from tasks.core import paths
+from tasks.core.config import load_params
+from tasks.data import embedded
 from tasks.tokenizer import save_tokenizer, special_tokens, train_tokenizer
 from tests.workspace import make_workspace
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import (
+from tasks.core.config import (
     ConfigError,
     Params,
     build,

@@ -96,7 +96,7 @@ def test_dvc_repro_runs_every_stage_then_skips_them(project):
     assert "Data and pipelines are up to date." in again.stdout, again.stdout
     print(f"\ndvc repro tiny: first {first:.1f}s, no-op {second:.2f}s")
 
-    # The embedded preference pairs are learnable (tasks/embedded.py): held-out figures above chance.
+    # The embedded preference pairs are learnable (tasks/data/embedded.py): held-out figures above chance.
     # Deterministic on one CPU (byte-identical checkpoints); measured here: reward 0.633, DPO 0.75 on 60 pairs.
     reward = json.loads((project / "data/metrics/reward.json").read_text())
     assert reward["val/pairs"] == 60 and reward["val/accuracy"] >= 0.55 and reward["val/margin"] > 0, reward

@@ -18,8 +18,9 @@ from models.checkpoint import save_checkpoint
 from models.config import ModelConfig
 from models.heads import ScalarHeadModel
 from models.llama import Transformer
-from tasks import chat_data, mmlu, perplexity
-from tasks.tokens import ChatTokenizer
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.eval import mmlu, perplexity
 from tests.evalhelpers import MMLU_DIR, SUBJECTS, needs_mmlu, tiny_model
 
 
@@ -136,8 +137,8 @@ def preference_rows(n: int) -> list[dict]:
 @needs_mmlu
 def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, monkeypatch):
     from tasks import evaluate
-    from tasks.config import EvaluateConfig, Params
-    from tasks.io import read_json
+    from tasks.core.config import EvaluateConfig, Params
+    from tasks.core.io import read_json
 
     make_workspace(tmp_path, bpe)
     monkeypatch.chdir(tmp_path)
@@ -191,8 +192,8 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
 
 def test_vocab_smaller_than_tokenizer_is_a_clear_error(bpe, tmp_path, monkeypatch):
     from tasks import evaluate
-    from tasks.config import Params
-    from tasks.stage import StageError
+    from tasks.core.config import Params
+    from tasks.core.stage import StageError
 
     with pytest.raises(
         StageError, match=r"ckpt/x: model vocab_size 512 is smaller than the tokenizer's 1000"
@@ -206,8 +207,8 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(bpe, tmp_path, monkeypatc
 
 def test_bad_fingerprint_policy_and_empty_split_dir_are_clear_errors(bpe, tmp_path, monkeypatch):
     from tasks import evaluate
-    from tasks.config import EvaluateConfig, Params
-    from tasks.stage import StageError
+    from tasks.core.config import EvaluateConfig, Params
+    from tasks.core.stage import StageError
 
     make_workspace(tmp_path, bpe)
     monkeypatch.chdir(tmp_path)
@@ -310,7 +311,7 @@ def test_win_rate_matches_direct_greedy_and_reward_loop(bpe):
 
 def test_heldout_rows_exclude_every_training_split():
     from tasks import evaluate
-    from tasks.config import Params, resolve_params
+    from tasks.core.config import Params, resolve_params
 
     params = resolve_params("tiny", [])
     lengths = [10 + (i % 50) for i in range(200)]  # rlhf drops the prompts longer than 128 - 12 = 116: none

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import embedded, ingest, textclean, validate
-from tasks.stage import StageError
+from tasks import ingest, validate
+from tasks.core.stage import StageError
+from tasks.data import embedded, textclean
 from tests.datahelpers import (
     REPO,
     files_source,
@@ -237,7 +238,7 @@ HUGE_LINE = """
 import json, sys
 import datasets  # imported before the baseline: its import is not the cost of the line
 from tasks import ingest
-from tasks.config import Params, build
+from tasks.core.config import Params, build
 
 def rss_mb(key):
     for line in open("/proc/self/status"):

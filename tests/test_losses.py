@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tasks.losses import bradley_terry_loss, dpo_loss, gae, ppo_losses, sequence_logps
+from tasks.train.losses import bradley_terry_loss, dpo_loss, gae, ppo_losses, sequence_logps
 
 
 def sigmoid(x: float) -> float:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import mmlu
+from tasks.eval import mmlu
 from tests.evalhelpers import MMLU_DIR, SUBJECTS, hf_twin, needs_mmlu, tiny_model, train_tokenizer
 
 

@@ -326,7 +326,7 @@ def test_registered_versions_carry_lineage_and_aliases(runs, clients, project):
 
 
 def test_gate():
-    from tasks.config import RegisterConfig
+    from tasks.core.config import RegisterConfig
     from tasks.register import gate
 
     cfg = RegisterConfig(max_mmlu_drop=0.02, max_ppl_increase=0.10)
@@ -340,7 +340,7 @@ def test_gate():
 
 
 def test_worse_candidate_stays_candidate_better_becomes_champion(runs, clients):
-    from tasks.config import RegisterConfig
+    from tasks.core.config import RegisterConfig
     from tasks.register import promote, scores_from_tags
 
     _, client = clients
@@ -413,7 +413,7 @@ def test_mlflow_models_serve_answers_chat_over_http(runs, project, env):
 
 
 def test_chat_streams_in_a_pseudo_terminal(runs, project, env, clients):
-    from tasks import tracking
+    from tasks.core import tracking
 
     model, _ = tracking.load_registered("pipeline-sft@champion")
     question = "What does json.dumps do?"

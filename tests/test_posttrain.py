@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from models.checkpoint import load_checkpoint, save_checkpoint, state_dict_hash
 from models.config import ModelConfig
 from models.llama import Transformer
-from tasks import chat_data, paths
-from tasks.config import load_params
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer, TokenizerMismatch
+from tasks.core import paths
+from tasks.core.config import load_params
+from tasks.core.stage import StageError
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer, TokenizerMismatch
 from tests.posttrain_data import make_embedded_workspace
 from tests.workspace import make_workspace
 
@@ -65,7 +66,7 @@ EXPERIMENT = f"posttrain-tests-{os.getpid()}"
 
 DRIVER = """
 import importlib, os, sys
-from tasks.stage import stage_main
+from tasks.core.stage import stage_main
 kill_stage, kill_step = sys.argv[1], sys.argv[2]
 for name in sys.argv[3:]:
     os.environ.pop("PIPELINE_KILL_AT_STEP", None)
@@ -288,7 +289,7 @@ def test_embedded_rejected_answers_are_wrong_truncated_or_shuffled():
     import itertools
     import random
 
-    from tasks import embedded
+    from tasks.data import embedded
 
     def words(text: str) -> list[str]:
         return sorted(w.rstrip(".!?:;,") for w in text.split())

@@ -134,8 +134,8 @@ OVERFIT = textwrap.dedent(
     import json, sys, torch, torch.nn.functional as F
     from models.config import ModelConfig
     from models.llama import Transformer
-    from tasks.config import TrainConfig
-    from tasks.training import train
+    from tasks.core.config import TrainConfig
+    from tasks.train.loop import train
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=32))

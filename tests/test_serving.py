@@ -1,7 +1,7 @@
 """Serving under load, its limits and bad requests; checkpoints that carry pickled code.
 
 One module-scoped server: a tiny random Transformer (special-token rows zeroed, so greedy decoding never
-stops at once and every answer has text) is logged and registered through tasks/tracking.py into the
+stops at once and every answer has text) is logged and registered through tasks/core/tracking.py into the
 session's sqlite store (tests/conftest.py), then served by `mlflow models serve --env-manager local` on a free loopback port, with the
 limits under test in its environment. Latency figures come from benchmarks/serving.py; these tests check
 behaviour only: every request answered with the right completion or cleanly refused, the server alive.
@@ -47,8 +47,8 @@ def tiny_registered_model(root: Path) -> str:
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.llama import Transformer
-    from tasks import tracking
-    from tasks.tokens import ChatTokenizer
+    from tasks.core import tracking
+    from tasks.data.chat_tokenizer import ChatTokenizer
 
     make_workspace(root)
     tokenizer_json = root / "data/tokenizer/tokenizer.json"
@@ -169,7 +169,7 @@ def test_connection_limit_refuses_with_503_then_recovers(server, local):
 
 
 def test_generation_slots_queue_then_refuse_with_server_busy(local):
-    from tasks.serving import Admission, ServerBusy
+    from tasks.serve.pyfunc import Admission, ServerBusy
 
     chat, request = local.unwrap_python_model(), [{"messages": question(2)}]
     answer = local.predict(request, params=PARAMS)
@@ -216,7 +216,7 @@ def test_generation_slots_queue_then_refuse_with_server_busy(local):
     ],
 )
 def test_malformed_serving_limits_are_named(name, value, message):
-    from tasks.serving import Admission
+    from tasks.serve.pyfunc import Admission
 
     with pytest.raises(ValueError, match=f"{name}='{value}' {message}"):
         Admission.from_env({name: value})

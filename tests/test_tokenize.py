@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import encode, ingest, tokenizer
-from tasks.config import Params, build
-from tasks.shards import check_tokens, load_shard, token_dtype
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer, TokenizerMismatch
+from tasks.core.config import Params, build
+from tasks.core.stage import StageError
+from tasks.data.chat_tokenizer import ChatTokenizer, TokenizerMismatch
+from tasks.data.shards import check_tokens, load_shard, token_dtype
 from tests.datahelpers import (
     REPO,
     make_params,
@@ -203,7 +203,7 @@ DETERMINISM = """
 import json, shutil, sys
 from pathlib import Path
 from tasks import encode, ingest, tokenizer
-from tasks.config import Params, build
+from tasks.core.config import Params, build
 params = build(Params, json.loads(sys.argv[1]))
 ingest.run(params, None)
 shutil.copytree("data/raw", "data/validated")  # validate copies these bytes (tested above); GX skipped here

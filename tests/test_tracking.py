@@ -3,7 +3,7 @@
 import mlflow
 import pytest
 
-from tasks import tracking
+from tasks.core import tracking
 
 
 def test_relative_sqlite_uri_is_refused(monkeypatch):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import TrainConfig
-from tasks.training import deepspeed_config, lr_at
+from tasks.core.config import TrainConfig
+from tasks.train.loop import deepspeed_config, lr_at
 from tests.workspace import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]

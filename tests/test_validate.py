@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import ingest, validate
-from tasks.stage import StageError
+from tasks.core.stage import StageError
 from tests.datahelpers import (
     make_params,
     sha,

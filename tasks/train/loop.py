@@ -6,7 +6,7 @@ periodic resumable checkpoints, per-step metrics to MLflow and to a CSV that DVC
 over ranks, tokens/s and MFU over training time only).
 
 Multi-process: every rank calls train(); DeepSpeed averages gradients, only rank 0 logs and writes.
-tasks/launch.py starts the ranks (torchrun) when train.world_size > 1.
+tasks/core/launch.py starts the ranks (torchrun) when train.world_size > 1.
 
 Exact resume: every batch is a pure function of (seed, step, micro-step, rank), so restoring the
 engine state (weights, optimizer, scheduler) and the step counter restores the data position too.
@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from models.llama import Transformer
-from tasks.config import TrainConfig
-from tasks.io import atomic_path, atomic_write_text, write_json
-from tasks.launch import check_train_config
-from tasks.stage import StageError
+from tasks.core.config import TrainConfig
+from tasks.core.io import atomic_path, atomic_write_text, write_json
+from tasks.core.launch import check_train_config
+from tasks.core.stage import StageError
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,7 @@ def finish_training(
 ) -> dict[str, float]:
     """Save the trained weights (rank 0) as the stage's checkpoint, its metrics JSON, and drop resume state."""
     from models.checkpoint import save_checkpoint
-    from tasks import paths
+    from tasks.core import paths
 
     if int(os.environ.get("RANK", "0")) == 0:
         fresh_model.load_state_dict(state)
@@ -526,8 +526,8 @@ def finish_training(
 def load_stage_model(name: str, fingerprint: str, kind: str = "causal_lm") -> tuple[Any, dict[str, Any]]:
     """Load data/checkpoints/<name>/ and check it was trained with the tokenizer given by its fingerprint."""
     from models.checkpoint import load_checkpoint
-    from tasks import paths
-    from tasks.tokens import TokenizerMismatch
+    from tasks.core import paths
+    from tasks.data.chat_tokenizer import TokenizerMismatch
 
     model, meta = load_checkpoint(paths.checkpoint(name), kind=kind)
     if meta.get("tokenizer_fingerprint") != fingerprint:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import paths
-from tasks.tokens import ChatTokenizer, read_index
+from tasks.core import paths
+from tasks.data.chat_tokenizer import ChatTokenizer, read_index
 
 SPLITS = ("train", "val")
 INDEX = "index.json"

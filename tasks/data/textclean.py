@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tasks.stage import StageError
+from tasks.core.stage import StageError
 
 # ASCII characters that are neither printable nor newline/tab/CR; includes \x1c-\x1f, which str.split()
 # treats as whitespace and bytes.split() does not

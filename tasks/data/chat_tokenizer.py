@@ -25,7 +25,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from tasks.io import read_json, sha256_file
+from tasks.core.io import read_json, sha256_file
 
 ROLES = ("system", "user", "assistant")
 CONFIG_FILE = "tokenizer_config.json"
@@ -210,7 +210,7 @@ def write_tokenizer_config(out_dir: Path, tok: ChatTokenizer) -> None:
 
     `chat_special_tokens` records which string is which part; ChatTokenizer.load reads it back.
     """
-    from tasks.io import write_json
+    from tasks.core.io import write_json
 
     sp = tok.specials
     write_json(

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tasks import paths
-from tasks.stage import StageError
-from tasks.tokens import ChatTokenizer
+from tasks.core import paths
+from tasks.core.stage import StageError
+from tasks.data.chat_tokenizer import ChatTokenizer
 
 IGNORE = -100
 

@@ -27,7 +27,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from tasks.config import REPO_ROOT  # noqa: E402
+from tasks.core.config import REPO_ROOT  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def client() -> MlflowClient:
 
 
 # ----------------------------------------------------------------------------------------- registry
-SERVING_CODE = Path(__file__).with_name("serving.py")
+SERVING_CODE = Path(__file__).parents[1] / "serve" / "pyfunc.py"
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What does `json.dumps` do?"}]}
 
 
@@ -202,7 +202,7 @@ def serving_requirements() -> list[str]:
 
 
 def log_chat_model(name: str, registered_name: str, checkpoint_dir: Path, tokenizer_json: Path) -> Any:
-    """Log a checkpoint as a pyfunc model-from-code (tasks/serving.py) and register a new version."""
+    """Log a checkpoint as a pyfunc model-from-code (tasks/serve/pyfunc.py) and register a new version."""
     from mlflow.models import infer_signature
 
     signature = infer_signature(

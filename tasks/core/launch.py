@@ -26,8 +26,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tasks.config import ConfigError, Params, TrainConfig, load_params
-from tasks.stage import StageError, setup_logging, stage_main
+from tasks.core.config import ConfigError, Params, TrainConfig, load_params
+from tasks.core.stage import StageError, setup_logging, stage_main
 
 log = logging.getLogger(__name__)
 

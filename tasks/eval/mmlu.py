@@ -460,7 +460,7 @@ def score_items(
     """
     import torch
 
-    from tasks.perplexity import logits_at, logits_checked
+    from tasks.eval.perplexity import logits_at, logits_checked
 
     check_fewshot_policy(fewshot_policy)
     shots = shots or {}

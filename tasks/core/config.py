@@ -21,7 +21,7 @@ import yaml
 
 from models.config import ModelConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROFILES_DIR = REPO_ROOT / "conf" / "profiles"
 
 
@@ -311,7 +311,7 @@ def resolve_params(profile: str, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def dump_params(params: Params, path: Path) -> None:
-    from tasks.io import atomic_write_text
+    from tasks.core.io import atomic_write_text
 
     header = (
         "# Active configuration, resolved by `pipeline run --profile P --set k=v`.\n"

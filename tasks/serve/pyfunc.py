@@ -166,7 +166,7 @@ def _number(params: dict[str, Any], name: str, default: Any, kind: type) -> Any:
 class ChatModel(PythonModel):
     def load_context(self, context: Any) -> None:
         from models.checkpoint import load_checkpoint
-        from tasks.tokens import ChatTokenizer
+        from tasks.data.chat_tokenizer import ChatTokenizer
 
         self.admission = Admission.from_env()  # a malformed limit stops the server before it serves
         self.model: Any

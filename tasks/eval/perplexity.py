@@ -176,7 +176,7 @@ def load_shard(path: Path, dtype: str | None = None, max_tokens: int = 0) -> np.
         index = path.parent / "index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{index} not found: cannot tell the dtype of {path}")
-        from tasks.io import read_json
+        from tasks.core.io import read_json
 
         dtype = read_json(index)["dtype"]
     if np.dtype(dtype) not in (np.dtype("uint16"), np.dtype("uint32")):

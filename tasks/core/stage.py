@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tasks.config import ConfigError, Params, load_params
+from tasks.core.config import ConfigError, Params, load_params
 
 
 class StageError(RuntimeError):
@@ -34,7 +34,7 @@ def stage_main(name: str, run: Callable[[Params, Any], dict[str, Any] | None]) -
     start = time.time()
     try:
         params = load_params()
-        from tasks import tracking  # after params: a bad params.yaml fails before MLflow starts
+        from tasks.core import tracking  # after params: a bad params.yaml fails before MLflow starts
 
         section = getattr(params, name, None)
         with tracking.stage_run(

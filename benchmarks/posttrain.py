@@ -1,5 +1,5 @@
 """Post-training throughput: SFT tokens/s and DPO pairs/s of our objectives through the real training loop
-(tasks.training.train: DeepSpeed engine, ZeRO stage from the config, grad clipping, LR schedule) next to a
+(tasks.train.loop.train: DeepSpeed engine, ZeRO stage from the config, grad clipping, LR schedule) next to a
 plain PyTorch eager implementation of the same step (same model, same batches, same loss, fp32, AdamW,
 clipping), measured in the same run. Each variant runs in its own process, so its peak memory
 (ru_maxrss) is its own.

@@ -1,4 +1,4 @@
-"""Pretraining throughput: our loop (tasks.training.train: DeepSpeed engine, bf16) vs a plain fp32 loop.
+"""Pretraining throughput: our loop (tasks.train.loop.train: DeepSpeed engine, bf16) vs a plain fp32 loop.
 
 Model: 6 layers, d_model 384, 6 heads, context 256, vocab 8192; micro-batch 16 x 256 tokens. Measured in
 one run, after warm-up steps, on the same machine and thread count:
@@ -44,7 +44,8 @@ from models.config import ModelConfig  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.llama import Transformer  # noqa: E402
 from tasks.core.config import TrainConfig  # noqa: E402
-from tasks.train.loop import lr_at, measure_matmul_tflops  # noqa: E402
+from tasks.train.loop import lr_multiplier  # noqa: E402
+from tasks.train.mfu import measure_matmul_tflops  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=8192, n_layer=6, n_head=6, n_kv_head=6, d_model=384, max_seq_len=256)
 QUICK = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=4, d_model=128, max_seq_len=128)
@@ -110,7 +111,7 @@ def plain_loop(cfg_model: ModelConfig, args: argparse.Namespace, autocast: bool)
     model = Transformer(cfg_model).to(dev)
     cfg = train_config(args)
     opt = torch.optim.AdamW(model.configure_optimizer_groups(0.1), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
     seq = cfg_model.max_seq_len
     times = []
     for step in range(args.warmup + args.steps):
@@ -140,7 +141,7 @@ def plain_loop(cfg_model: ModelConfig, args: argparse.Namespace, autocast: bool)
 
 
 def our_loop(cfg_model: ModelConfig, args: argparse.Namespace, **over: Any) -> dict[str, Any]:
-    """The real tasks.training.train() path; tokens/s and MFU as the loop logs them (training time only)."""
+    """The real tasks.train.loop.train() path; tokens/s and MFU as the loop logs them (training time only)."""
     from tasks.train.loop import train
 
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from flows.pipeline import stage_graph, stage_order
+    from tasks.core.stages import stage_graph, stage_order
 
     graph = stage_graph(Path("dvc.yaml"))
     for stage in stage_order(Path("dvc.yaml")):

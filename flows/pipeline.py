@@ -17,9 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as prefect_flow_run
@@ -27,6 +26,7 @@ from pydantic import Field
 
 from tasks.core import tracking
 from tasks.core.config import dump_params, load_params, resolve_params
+from tasks.core.stages import stage_order
 
 # Typed flow parameters: the Prefect UI renders them as a form; the API validates them on run creation.
 # (No `from __future__ import annotations` in this module: Prefect resolves these annotations at run time.)
@@ -39,45 +39,6 @@ Retries = Annotated[int, Field(ge=0, le=10, description="retries of a failed sta
 RetryDelay = Annotated[
     float, Field(ge=0, le=3600, description="seconds before the first retry; doubles for each further retry")
 ]
-
-
-def _paths(entries: list[Any]) -> list[str]:
-    """dvc.yaml lists entries as plain paths or {path: options}."""
-    out: list[Any] = []
-    for entry in entries or []:
-        out.extend(entry.keys() if isinstance(entry, dict) else [entry])
-    return [str(p).rstrip("/") for p in out]
-
-
-def stage_graph(dvc_yaml: Path) -> dict[str, set[str]]:
-    """stage -> the stages it depends on (a dep equal to, inside, or containing another stage's out)."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    outs = {name: _paths(spec.get("outs", [])) for name, spec in stages.items()}
-    graph: dict[str, set[str]] = {}
-    for name, spec in stages.items():
-        upstream = set()
-        for dep in _paths(spec.get("deps", [])):
-            for other, other_outs in outs.items():
-                if other != name and any(
-                    dep == o or dep.startswith(o + "/") or o.startswith(dep + "/") for o in other_outs
-                ):
-                    upstream.add(other)
-        graph[name] = upstream
-    return graph
-
-
-def stage_order(dvc_yaml: Path) -> list[str]:
-    """Topological order of the stages, ties broken by their order in dvc.yaml (stable)."""
-    graph = stage_graph(dvc_yaml)
-    order: list[str] = []
-    pending = list(graph)
-    while pending:
-        ready = [s for s in pending if graph[s] <= set(order)]
-        if not ready:
-            raise ValueError(f"{dvc_yaml}: the stage graph has a cycle among {pending}")
-        order.append(ready[0])
-        pending.remove(ready[0])
-    return order
 
 
 def stage_env() -> dict[str, str]:

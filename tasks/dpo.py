@@ -32,7 +32,7 @@ from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.train.loop import Batch, finish_training, load_causal_lm, train
+from tasks.train.loop import Batch, load_causal_lm, train_stage
 from tasks.train.losses import dpo_loss, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -267,23 +267,17 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         )
     del reference
     objective = DirectPreference(pairs, ref, cfg, tokenizer.pad_id)
-    state, metrics = train(
+    return train_stage(
+        "dpo",
         policy,
         objective,
         cfg.train,
-        state_dir=paths.STATE / "dpo",
         tracker=tracker,
-        plot_csv=paths.PLOTS / "dpo.csv",
+        checkpoint_model=Transformer(policy.config),
+        config=policy.config,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        parent=reference_name,
         on_step=alerts_at_end(cfg.train.max_steps, lambda m: dpo_alerts(m, params), params, tracker),
-    )
-    return finish_training(
-        "dpo",
-        Transformer(policy.config),
-        state,
-        policy.config,
-        metrics,
-        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "dpo", "parent": reference_name},
-        out_dir=paths.checkpoint("dpo"),
     )
 
 

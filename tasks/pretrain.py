@@ -29,7 +29,7 @@ from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.data.shards import check_tokens, load_shard
-from tasks.train.loop import Batch, finish_training, train
+from tasks.train.loop import Batch, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -126,22 +126,15 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         cfg.train.seed,
         cfg.train.eval_batches,
     )
-    state, metrics = train(
+    return train_stage(
+        "pretrain",
         model,
         objective,
         cfg.train,
-        state_dir=paths.STATE / "pretrain",
         tracker=tracker,
-        plot_csv=paths.PLOTS / "pretrain.csv",
-    )
-    return finish_training(
-        "pretrain",
-        Transformer(config),
-        state,
-        config,
-        metrics,
-        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "pretrain"},
-        out_dir=paths.checkpoint("base"),
+        checkpoint_model=Transformer(config),
+        config=config,
+        tokenizer_fingerprint=tokenizer.fingerprint,
     )
 
 

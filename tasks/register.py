@@ -22,15 +22,13 @@ from typing import Any
 
 import yaml
 
-from tasks.core import paths, tracking
+from tasks.core import paths, stages, tracking
 from tasks.core.config import Params, RegisterConfig
 from tasks.core.io import read_json, write_json
 from tasks.core.stage import StageError, stage_main
 
 log = logging.getLogger(__name__)
 
-MODELS = ("base", "sft", "reward", "dpo", "rlhf")
-STAGE_OF = {"base": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "rlhf": "rlhf"}
 PARAMS_ARTIFACT = "lineage/params.yaml"  # in the register run: the full params.yaml the models came from
 
 
@@ -39,7 +37,7 @@ def lineage(name: str) -> dict[str, str]:
     lock_path = Path("dvc.lock")
     if not lock_path.exists():
         return {}
-    stage = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(STAGE_OF[name], {})
+    stage = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stages.model_stage(name).stage, {})
     tags = {}
     for kind in ("deps", "outs"):
         for entry in stage.get(kind, []):
@@ -125,7 +123,7 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
     registered = f"{cfg.model_prefix}-{name}"
     tracking.log_chat_model(name, registered, ckpt, paths.TOKENIZER_JSON)
     version = tracking.latest_version(registered, tracker.run_id)
-    stage = STAGE_OF[name]
+    stage = stages.model_stage(name).stage
     section = getattr(params, stage)
     stage_params = {stage: dataclasses.asdict(section)}
     if stage == "pretrain":
@@ -156,7 +154,7 @@ def run(params: Params, tracker: Any) -> dict[str, Any]:
     params_file = Path("params.yaml")
     tracker.log_artifact(params_file, str(Path(PARAMS_ARTIFACT).parent))
     params_sha256 = hashlib.sha256(params_file.read_bytes()).hexdigest()
-    results = {name: register_one(name, params, tracker, params_sha256) for name in MODELS}
+    results = {name: register_one(name, params, tracker, params_sha256) for name in stages.models()}
     paths.REGISTRY.mkdir(parents=True, exist_ok=True)
     write_json(paths.REGISTRY / "registered.json", results)
     return results

@@ -22,7 +22,7 @@ from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.train.loop import Batch, finish_training, load_causal_lm, train
+from tasks.train.loop import Batch, load_causal_lm, train_stage
 from tasks.train.losses import bradley_terry_loss
 
 
@@ -106,22 +106,16 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         cfg.val_fraction,
         cfg.train.eval_batches,
     )
-    state, metrics = train(
+    return train_stage(
+        "reward",
         model,
         objective,
         cfg.train,
-        state_dir=paths.STATE / "reward",
         tracker=tracker,
-        plot_csv=paths.PLOTS / "reward.csv",
-    )
-    return finish_training(
-        "reward",
-        ScalarHeadModel(Transformer(sft.config)),
-        state,
-        sft.config,
-        metrics,
-        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "reward", "parent": "sft"},
-        out_dir=paths.checkpoint("reward"),
+        checkpoint_model=ScalarHeadModel(Transformer(sft.config)),
+        config=sft.config,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        parent="sft",
     )
 
 

@@ -34,7 +34,7 @@ from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.dpo import alerts_at_end, check_same_architecture
-from tasks.train.loop import Batch, finish_training, load_causal_lm, load_stage_model, train
+from tasks.train.loop import Batch, load_causal_lm, load_stage_model, train_stage
 from tasks.train.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
 
 log = logging.getLogger(__name__)
@@ -318,29 +318,28 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     with torch.no_grad(), objective.autocast(device):
         initial = objective.evaluate(model)["val/reward_mean"]
     log.info("before PPO: val/reward_mean=%.4g (the %s policy)", initial, reference_name)
-    state, metrics = train(
+
+    def value_head_dropped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Downstream stages need a causal LM: the value head is training scaffolding and is dropped.
+        policy = PolicyWithValue(Transformer(sft.config))
+        policy.load_state_dict(state)
+        return policy.transformer.state_dict()
+
+    return train_stage(
+        "rlhf",
         model,
         objective,
         cfg.train,
-        state_dir=paths.STATE / "rlhf",
         tracker=tracker,
-        plot_csv=paths.PLOTS / "rlhf.csv",
+        checkpoint_model=Transformer(sft.config),
+        config=sft.config,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        parent=reference_name,
         on_step=alerts_at_end(
             cfg.train.max_steps, lambda _: objective.kl_alerts(params.alerts.ppo_max_kl), params, tracker
         ),
-    )
-    metrics["val/reward_mean_initial"] = initial
-    # Downstream stages need a causal LM: the value head is training scaffolding and is dropped.
-    policy = PolicyWithValue(Transformer(sft.config))
-    policy.load_state_dict(state)
-    return finish_training(
-        "rlhf",
-        Transformer(sft.config),
-        policy.transformer.state_dict(),
-        sft.config,
-        metrics,
-        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "rlhf", "parent": reference_name},
-        out_dir=paths.checkpoint("rlhf"),
+        extra_metrics={"val/reward_mean_initial": initial},
+        weights_to_save=value_head_dropped,
     )
 
 

@@ -26,7 +26,7 @@ from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.train.loop import Batch, finish_training, load_causal_lm, train
+from tasks.train.loop import Batch, load_causal_lm, train_stage
 
 # Until tasks/core/config.py has `SFTConfig.packing`, this is its value.
 PACKING_DEFAULT = False
@@ -108,22 +108,16 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         packing=bool(getattr(cfg, "packing", PACKING_DEFAULT)),
         seq_len=seq_len,
     )
-    state, metrics = train(
+    return train_stage(
+        "sft",
         model,
         objective,
         cfg.train,
-        state_dir=paths.STATE / "sft",
         tracker=tracker,
-        plot_csv=paths.PLOTS / "sft.csv",
-    )
-    return finish_training(
-        "sft",
-        Transformer(model.config),
-        state,
-        model.config,
-        metrics,
-        meta={"tokenizer_fingerprint": tokenizer.fingerprint, "stage": "sft", "parent": "base"},
-        out_dir=paths.checkpoint("sft"),
+        checkpoint_model=Transformer(model.config),
+        config=model.config,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        parent="base",
     )
 
 

@@ -18,23 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.core import stages
 from tests.project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = [
-    "ingest",
-    "validate",
-    "tokenizer",
-    "encode",
-    "pretrain",
-    "sft",
-    "reward",
-    "dpo",
-    "rlhf",
-    "evaluate",
-    "register",
-]
-MODELS = ["base", "sft", "reward", "dpo", "rlhf"]
+STAGES = list(stages.STAGES)
+MODELS = stages.models()
 
 pytestmark = pytest.mark.e2e
 

@@ -4,6 +4,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,49 @@ def test_only_tracking_module_imports_mlflow():
     for path, names in imported_modules("tasks").items():
         if "mlflow" in names:
             assert path in allowed, f"{path} imports mlflow; stages log through tasks/core/tracking.py"
+
+
+# tasks/ is layered: the stage entry points (tasks/<stage>.py) use the libraries; a library package uses
+# only the packages listed for it, so core never depends on training code and no library on a stage.
+LIBRARY_LAYERS = {
+    "core": {"core"},
+    "data": {"core", "data"},
+    "train": {"core", "data", "train"},
+    "eval": {"core", "data", "train", "eval"},
+    "serve": {"core", "data", "serve"},
+}
+
+
+def tasks_imports(path: Path) -> set[str]:
+    """The tasks.* modules a file imports, as dotted names ("tasks.core.paths", "tasks.sft", ...)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "tasks":
+                names |= {f"tasks.{alias.name}" for alias in node.names}
+            elif node.module.startswith("tasks."):
+                names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.startswith("tasks.")}
+    return names
+
+
+def test_tasks_holds_only_stage_entry_points():
+    from tasks.core.stages import STAGES
+
+    modules = {p.stem for p in (REPO / "tasks").glob("*.py")} - {"__init__"}
+    assert modules == set(STAGES), "tasks/*.py are the stage entry points; libraries live in subpackages"
+    assert {p.name for p in (REPO / "tasks").iterdir() if p.is_dir() and p.name != "__pycache__"} == set(
+        LIBRARY_LAYERS
+    )
+
+
+@pytest.mark.parametrize("package", sorted(LIBRARY_LAYERS))
+def test_library_packages_import_only_lower_layers(package):
+    allowed = LIBRARY_LAYERS[package]
+    for path in sorted((REPO / "tasks" / package).rglob("*.py")):
+        for name in tasks_imports(path):
+            parts = name.split(".")
+            assert len(parts) > 1 and parts[1] in allowed, (
+                f"{path.relative_to(REPO)} imports {name}; tasks/{package} may use only {sorted(allowed)}"
+            )

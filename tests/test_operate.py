@@ -27,11 +27,13 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import free_port
+from tasks.core import stages
 from tests.project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "validate", "tokenizer", "encode", "pretrain", "sft", "reward", "dpo", "rlhf", "evaluate"]
-MODELS = ["base", "sft", "reward", "dpo", "rlhf"]
+# Every stage but register: the gating test makes register fail, so these are the ones that complete.
+STAGES = [s for s in stages.STAGES if s != "register"]
+MODELS = stages.models()
 DEPLOYMENT = "llm-pipeline/test"
 CRON = "0 3 1 1 *"
 SERVING: dict[str, subprocess.Popen] = {}

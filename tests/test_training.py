@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tasks.core.config import TrainConfig
-from tasks.train.loop import deepspeed_config, lr_at
+from tasks.train.distributed import deepspeed_config
+from tasks.train.loop import lr_multiplier
 from tests.workspace import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +41,10 @@ def weights_hash(path: Path) -> str:
 
 def test_lr_schedule_warmup_then_cosine_to_min():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1)
-    assert lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(100, cfg) == pytest.approx(0.1)
-    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(55, cfg) == pytest.approx(0.55)
 
 
 def test_zero_stage_outside_range_is_rejected():

@@ -4,7 +4,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m tasks.pretrain
 
-(gloo on CPU, nccl on GPU: chosen by tasks.training.init_distributed). Under any launcher (torchrun,
+(gloo on CPU, nccl on GPU: chosen by tasks.train.distributed.init_distributed). Under any launcher (torchrun,
 the DeepSpeed launcher with a hostfile, SLURM + torchrun) RANK is already set, so nothing is re-executed
 and world_size in params is not consulted: the launcher decides. Only rank 0 opens the MLflow run and
 writes outputs; ranks > 0 run the same code with no tracker.

@@ -15,15 +15,11 @@ engine state (weights, optimizer, scheduler) and the step counter restores the d
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
-import pickle
-import re
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +30,18 @@ from torch import nn
 
 from models.llama import Transformer
 from tasks.core.config import TrainConfig
-from tasks.core.io import atomic_path, atomic_write_text, write_json
+from tasks.core.io import atomic_path, write_json
 from tasks.core.launch import check_train_config
-from tasks.core.stage import StageError
+from tasks.train.distributed import (
+    deepspeed_config,
+    effective_zero_stage,
+    gather_full_weights,
+    init_distributed,
+    mean_over_ranks,
+    world_size,
+)
+from tasks.train.mfu import peak_tflops
+from tasks.train.resume import check_resume_state, load_state, param_shapes, save_state
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,7 @@ class Objective(Protocol):
         ...
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at max_steps (as a multiplier of lr)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -71,100 +76,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed() -> None:
-    """Join the process group the launcher set up (gloo on CPU, nccl on GPU); without a launcher, a group
-    of one on loopback. On CPU each of N local processes takes its share of the cores."""
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if not torch.cuda.is_available() and local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "gloo":
-        # DeepSpeed JIT-builds a shared-memory all-reduce kernel for CPU *inference* (AutoTP) on every
-        # process start: 20-90 s with ninja on 2 cores, rebuilt whenever the ninja on PATH changes
-        # (venv vs system ninja hash their logs differently). Training reduces through gloo and never
-        # calls it, so mark it unavailable, which is what DeepSpeed does on platforms without it.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-
-
-def effective_zero_stage(cfg: TrainConfig) -> int:
-    """ZeRO partitions state across processes; on one process there is nothing to partition, and stages
-    1-3 only add flat-buffer copies (+12-20% CPU time per step measured on the benchmark model), so one
-    process runs stage 0: the same AdamW update and clipping, the same checkpoint contents."""
-    return cfg.zero_stage if world_size() > 1 else 0
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    check_train_config(cfg)
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size(),
-        "gradient_clipping": cfg.grad_clip,
-        # torch_adam avoids a 40 s FusedAdam JIT build on CPU; lr is scaled by our LambdaLR.
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True},
-        },
-        "zero_optimization": {"stage": effective_zero_stage(cfg)},
-        # On GPU DeepSpeed keeps bf16 weights; on CPU we keep fp32 weights and autocast to bf16.
-        "bf16": {"enabled": bool(cfg.bf16 and torch.cuda.is_available())},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-# ------------------------------------------------------------------------------------------ MFU
-_PEAK_TFLOPS: dict[str, float] = {}
-
-
-def peak_tflops(device: torch.device, bf16: bool = True) -> float:
-    """Dense matmul peak of one process in TFLOP/s: PIPELINE_PEAK_TFLOPS if set, else measured once
-    (a square bf16 matmul, fp32 when bf16 is off: ~0.3 s on CPU, ~0.1 s on GPU)."""
-    if os.environ.get("PIPELINE_PEAK_TFLOPS"):
-        return float(os.environ["PIPELINE_PEAK_TFLOPS"])
-    key = f"{device.type}:{bf16}"
-    if key not in _PEAK_TFLOPS:
-        _PEAK_TFLOPS[key] = measure_matmul_tflops(device, torch.bfloat16 if bf16 else torch.float32)
-    return _PEAK_TFLOPS[key]
-
-
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 0, reps: int = 0) -> float:
-    """Best-of-reps TFLOP/s of an n x n @ n x n matmul (n=2048 on CPU, 8192 on GPU by default)."""
-    on_gpu = device.type == "cuda"
-    n = n or (8192 if on_gpu else 2048)
-    reps = reps or (10 if on_gpu else 4)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if on_gpu:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
 
 
 class MetricLog:
@@ -203,22 +114,6 @@ def _read_csv(path: Path | None) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
 
 
-def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average per-rank metrics over all ranks, so the logged loss is the loss of the global batch."""
-    if world_size() == 1:
-        return values
-    import torch.distributed as dist
-
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist(), strict=True)}
-
-
-def _param_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {name: list(p.shape) for name, p in model.named_parameters()}
-
-
 def train(
     model: nn.Module,
     objective: Objective,
@@ -239,8 +134,8 @@ def train(
 
     check_train_config(cfg)
     state_dir = Path(state_dir)
-    shapes = _param_shapes(model)  # before ZeRO-3 partitions them
-    resume_tag = _check_resume_state(state_dir, shapes, cfg)  # bad state fails before any engine starts
+    shapes = param_shapes(model)  # before ZeRO-3 partitions them
+    resume_tag = check_resume_state(state_dir, shapes, cfg)  # bad state fails before any engine starts
     torch.manual_seed(cfg.seed)
     init_distributed()
     rank, world = int(os.environ.get("RANK", "0")), world_size()
@@ -250,13 +145,13 @@ def train(
         model=model,
         model_parameters=model.configure_optimizer_groups(cfg.weight_decay),  # type: ignore[operator]
         config=deepspeed_config(cfg),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg)),
     )
     if cfg.compile:
         engine.compile()
     start_step = 0
     if resume_tag is not None:
-        start_step = _load_state(engine, state_dir, resume_tag)
+        start_step = load_state(engine, state_dir, resume_tag)
         log.info("resumed from %s at step %d", state_dir, start_step)
     # The curve so far lives in the resume state (a killed run must not leave a changed plot that DVC
     # tracks); data/plots/<stage>.csv is written once, when training ends.
@@ -293,7 +188,7 @@ def train(
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
         grad_norm = engine.get_global_grad_norm()
         window_time += time.perf_counter() - step_start  # training time only: no eval, no checkpoints
-        last = {**_mean_over_ranks(sums, engine.device), "lr": scheduler.get_last_lr()[0]}
+        last = {**mean_over_ranks(sums, engine.device), "lr": scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             last["grad_norm"] = float(grad_norm)
         if not math.isfinite(last["loss"]):
@@ -320,204 +215,71 @@ def train(
             os.kill(os.getpid(), signal.SIGKILL)
         if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             metric_log.write_csv(previous_rows)  # before `latest` moves on: the curve covers the checkpoint
-            _save_state(engine, state_dir, done, shapes, cfg, model)
+            save_state(engine, state_dir, done, shapes, cfg, model)
     metric_log.write_csv(previous_rows, plot_csv)
     if start_step:
         last["resumed_from_step"] = float(start_step)  # in the stage's metrics JSON, not in its checkpoint
-    return _gather(engine), last
+    return gather_full_weights(engine), last
 
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
-# ------------------------------------------------------------------------------------ resume state
-# data/state/<stage>/ holds DeepSpeed's own (partition-aware) checkpoint of the newest tag, plus our
-# state.json in the tag's folder: what it was trained with and the size of every file. `latest` is
-# written last, atomically, so it only ever names a complete checkpoint.
-STATE_META = "state.json"
-
-
-class ResumeStateError(StageError):
-    """The resume state cannot be used (another model, another layout, damaged files)."""
-
-
-def _save_state(
-    engine: Any, state_dir: Path, step: int, shapes: dict[str, list[int]], cfg: TrainConfig, model: nn.Module
-) -> None:
-    import torch.distributed as dist
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"step{step:08d}"
-    engine.save_checkpoint(
-        str(state_dir),
-        tag=tag,
-        client_state={"step": step, "torch_rng": torch.get_rng_state()},
-        save_latest=False,
-    )
-    dist.barrier()  # every rank's partition is on disk
-    if int(os.environ.get("RANK", "0")) == 0:
-        files = {
-            str(p.relative_to(state_dir / tag)): p.stat().st_size
-            for p in sorted((state_dir / tag).rglob("*"))
-            if p.is_file() and p.name != STATE_META
-        }
-        config: Any = getattr(model, "config", None)
-        meta = {
-            "step": step,
-            "world_size": world_size(),
-            "zero_stage": effective_zero_stage(cfg),
-            "micro_batch_size": cfg.micro_batch_size,
-            "grad_accum": cfg.grad_accum,
-            "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
-            "param_shapes": shapes,
-            "files": files,
-        }
-        write_json(state_dir / tag / STATE_META, meta)
-        atomic_write_text(state_dir / "latest", tag)
-        for old in state_dir.glob("step*"):
-            if old.name != tag and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def _check_resume_state(state_dir: Path, shapes: dict[str, list[int]], cfg: TrainConfig) -> str | None:
-    """The tag to resume from (None: start fresh), after checking it fits this model and run layout."""
-    latest = state_dir / "latest"
-    if not latest.exists():
-        return None
-    tag = latest.read_text().strip()
-    where = state_dir / tag
-    fix = f"delete {state_dir} to start over, or restore the params it was trained with"
-    if not where.is_dir():
-        raise ResumeStateError(f"resume state {latest} names {tag}, but {where} is missing; {fix}")
-    meta_path = where / STATE_META
-    if not meta_path.exists():  # a checkpoint from before state.json existed: DeepSpeed's checks only
-        return tag
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise ResumeStateError(f"resume state {meta_path} is unreadable ({exc}); {fix}") from exc
-    old_shapes = meta.get("param_shapes", {})
-    if old_shapes != shapes:
-        diffs = [
-            f"{k}: {old_shapes.get(k)} saved vs {shapes.get(k)} now"
-            for k in sorted(set(old_shapes) | set(shapes))
-            if old_shapes.get(k) != shapes.get(k)
-        ]
-        raise ResumeStateError(
-            f"resume state {where} was saved for a different model ({len(diffs)} parameters differ, e.g. "
-            f"{'; '.join(diffs[:3])}; saved model config {meta.get('model_config')}); {fix}"
-        )
-    world = world_size()
-    stage = effective_zero_stage(cfg)
-    if meta.get("zero_stage") != stage or (stage > 0 and meta.get("world_size") != world):
-        raise ResumeStateError(
-            f"resume state {where} was saved with zero_stage={meta.get('zero_stage')} on "
-            f"{meta.get('world_size')} processes, this run is zero_stage={stage} on {world} "
-            f"(ZeRO partitions optimizer state per process); {fix}"
-        )
-    for name, size in meta.get("files", {}).items():
-        path = where / name
-        actual = path.stat().st_size if path.exists() else None
-        if actual != size:
-            raise ResumeStateError(
-                f"resume state {where} is damaged: {name} has "
-                f"{'no file' if actual is None else f'{actual} bytes'}, expected {size} bytes; {fix}"
-            )
-    return tag
-
-
-def _weights_only_loads(engine: Any) -> None:
-    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True).
-
-    DeepSpeed's own loader uses weights_only=False, which runs whatever code a pickle names; a resume
-    state is a file on disk like any other. weights_only admits tensors and plain containers, plus the
-    few DeepSpeed types its ZeRO optimizer states hold (listed here, after loading real ZeRO-0/2/3 states).
-    """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-    def load(path: str, map_location: Any = None) -> Any:
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = f"names {found.group(1)}, not a tensor type" if found else "is not a weights-only file"
-            raise ResumeStateError(
-                f"resume state file {path} {what}: refused without loading it (unpickling can run code)"
-            ) from None
-
-    engine.checkpoint_engine.load = load
-
-
-def _load_state(engine: Any, state_dir: Path, tag: str) -> int:
-    """Load the engine state (weights, optimizer, scheduler) and the RNG; the step to continue from."""
-    fix = f"delete {state_dir} to start over"
-    _weights_only_loads(engine)
-    try:
-        load_path, client = engine.load_checkpoint(str(state_dir), tag=tag)
-    except ResumeStateError as exc:
-        raise ResumeStateError(f"{exc}; {fix}") from None
-    except Exception as exc:  # truncated or corrupt files surface as torch.load / zip errors
-        raise ResumeStateError(
-            f"could not load resume state {state_dir / tag}: {type(exc).__name__}: {exc}; {fix}"
-        ) from exc
-    if load_path is None or not client or "step" not in client:
-        raise ResumeStateError(
-            f"resume state {state_dir / tag} is incomplete (DeepSpeed found no state); {fix}"
-        )
-    torch.set_rng_state(client["torch_rng"])
-    return int(client["step"])
-
-
-def _gather(engine: Any) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the trained module (ZeRO-3 partitions gathered), keyed like its state_dict."""
-    module: nn.Module = engine.module
-    if engine.zero_optimization_stage() != 3:
-        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    import deepspeed
-
-    gathered: dict[int, torch.Tensor] = {}
-    for param in module.parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            gathered[id(param)] = param.detach().float().clone()
-    # state_dict names tied weights twice (embedding and head); both map to the one gathered tensor.
-    return {
-        k: gathered.get(id(v), v.detach().float().clone() if torch.is_tensor(v) else v)
-        for k, v in module.state_dict(keep_vars=True).items()
-    }
-
-
-# What varies between runs that learned the same weights: timings, and where a killed run resumed.
 RUN_METRICS = ("tokens_per_s", "mfu", "seconds", "flops", "resumed_from_step")
 
 
-def finish_training(
+def train_stage(
     stage: str,
-    fresh_model: nn.Module,
-    state: dict[str, torch.Tensor],
-    config: Any,
-    metrics: dict[str, float],
+    model: nn.Module,
+    objective: Objective,
+    cfg: TrainConfig,
     *,
-    meta: dict[str, Any],
-    out_dir: Path,
+    tracker: Any,
+    checkpoint_model: nn.Module,
+    config: Any,
+    tokenizer_fingerprint: str,
+    parent: str | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    extra_metrics: dict[str, float] | None = None,
+    weights_to_save: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Save the trained weights (rank 0) as the stage's checkpoint, its metrics JSON, and drop resume state."""
-    from models.checkpoint import save_checkpoint
-    from tasks.core import paths
+    """Train a stage's objective, then write its outputs: the ending every training stage shares.
 
+    Resume state lives in data/state/<stage>/, the curve in data/plots/<stage>.csv, the metrics in
+    data/metrics/<stage>.json, the weights (loaded into `checkpoint_model`, whose config is `config`) in
+    data/checkpoints/<model>/ as the stage registry names it, with its lineage (tokenizer fingerprint,
+    stage, parent model). `weights_to_save` maps the trained state dict to the checkpoint's (e.g. PPO drops
+    its value head). Returns the last metrics.
+    """
+    from tasks.core import paths
+    from tasks.core.stages import stage_model
+
+    state, metrics = train(
+        model,
+        objective,
+        cfg,
+        state_dir=paths.STATE / stage,
+        tracker=tracker,
+        plot_csv=paths.PLOTS / f"{stage}.csv",
+        on_step=on_step,
+    )
+    metrics.update(extra_metrics or {})
+    if weights_to_save is not None:
+        state = weights_to_save(state)
     if int(os.environ.get("RANK", "0")) == 0:
-        fresh_model.load_state_dict(state)
+        from models.checkpoint import save_checkpoint
+
+        checkpoint_model.load_state_dict(state)
         rounded = {k: round(float(v), 6) for k, v in metrics.items()}
         # Timings vary run to run; the checkpoint keeps only what the weights determine, so that the same
         # inputs give a byte-identical checkpoint directory (dvc.lock hash).
         learned = {k: v for k, v in rounded.items() if not any(t in k for t in RUN_METRICS)}
-        save_checkpoint(out_dir, fresh_model, config, meta={**meta, "metrics": learned})
+        out_dir = paths.checkpoint(stage_model(stage).model)
+        lineage = {"tokenizer_fingerprint": tokenizer_fingerprint, "stage": stage}
+        if parent is not None:
+            lineage["parent"] = parent
+        save_checkpoint(out_dir, checkpoint_model, config, meta={**lineage, "metrics": learned})
         write_json(paths.METRICS / f"{stage}.json", rounded)
         shutil.rmtree(paths.STATE / stage, ignore_errors=True)
     return metrics

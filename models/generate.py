@@ -1,7 +1,9 @@
 """Autoregressive sampling from a Transformer, with or without the KV cache.
 
-`generate` is batched and returns a tensor; `stream` yields one token id at a time for a terminal chat.
-Both share `_next_tokens`, the single sampling loop.
+`generate` is batched over prompts of equal length and returns a tensor; `stream` yields one token id at a
+time for a terminal chat. Both share `_next_tokens`, the single sampling loop. `generate_batch` takes prompts
+of different lengths (left-padded, with an attention mask through the KV cache) and returns per-row ids and
+lengths: one batch of rollouts instead of a loop over prompts.
 
 They run under torch.no_grad, not torch.inference_mode: inference tensors cannot be saved for backward,
 and PPO feeds generated sequences straight back into a training forward.
@@ -9,7 +11,8 @@ and PPO feeds generated sequences straight back into a training forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -173,3 +176,138 @@ def _stream_ids(steps: Iterator[torch.Tensor], stops: set[int]) -> Iterator[int]
         if token in stops:
             return
         yield token
+
+
+# ---------------------------------------------------------------------- prompts of different lengths
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B, T] int64, attention_mask [B, T] bool
+    """Right-align prompts in one [B, max_len] tensor; attention_mask is True on real tokens."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, T - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, T - len(p) :] = True
+    return tokens.to(device), mask.to(device)
+
+
+@dataclass
+class Generation:
+    """Output of generate_batch. tokens [B, n] int64: row i's generated ids in tokens[i, :lengths[i]], a
+    stop token included, then pad_id; n = lengths.max(). lengths [B] int64."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+    def rows(self) -> list[list[int]]:
+        return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist(), strict=True)]
+
+
+def _as_ids(prompt: Sequence[int] | torch.Tensor) -> list[int]:
+    return prompt.tolist() if isinstance(prompt, torch.Tensor) else [int(t) for t in prompt]
+
+
+def _check_batch(
+    model: Transformer, prompts: list[list[int]], max_new_tokens: int, generators: list | None
+) -> None:
+    if not prompts:
+        raise ValueError("generate_batch: prompts is empty, expected at least one prompt")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate_batch: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_len, vocab = model.config.max_seq_len, model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"generate_batch: prompt {i} is empty")
+        if len(p) >= max_len:
+            raise ValueError(
+                f"generate_batch: prompt {i} has {len(p)} tokens, no room for a new one in the model "
+                f"context max_seq_len={max_len}"
+            )
+        if min(p) < 0 or max(p) >= vocab:
+            bad = next(t for t in p if not 0 <= t < vocab)
+            raise ValueError(f"generate_batch: prompt {i} holds token id {bad}, outside vocab_size={vocab}")
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(
+            f"generate_batch: {len(generators)} generators for {len(prompts)} prompts (one per row, or a "
+            "single generator for the batch)"
+        )
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Transformer,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> Generation:
+    """Sample up to max_new_tokens for each prompt of a batch of different lengths, in one pass.
+
+    Prompts are left-padded; RoPE positions count from each row's first real token and pad keys are
+    masked at prefill and at every decode step, so greedy rows equal one-at-a-time `generate`. A row ends
+    at its first stop token (kept, counted in lengths); finished rows are dropped from the batch (and the
+    cache) as they pile up. Rows share the context of the longest prompt: n <= max_seq_len - longest.
+    `generator`: one for the whole batch, or one per row (then row i samples exactly as `generate` would
+    with generator[i] alone). Raises ValueError on an empty batch or prompt, max_new_tokens < 1, a prompt
+    that fills the context, or a token id outside the vocab, before any compute.
+    """
+    ids = [_as_ids(p) for p in prompts]
+    generators = (
+        list(generator) if generator is not None and not isinstance(generator, torch.Generator) else None
+    )
+    _check_batch(model, ids, max_new_tokens, generators)
+    device = model.embed.weight.device
+    B = len(ids)
+    # Pad slots hold token 0 whatever pad_id is: they are masked, and pad_id need not be a vocab id.
+    tokens, mask = left_pad(ids, 0, device)  # [B, T], [B, T]
+    n = min(max_new_tokens, model.config.max_seq_len - tokens.size(1))
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+
+    def sample(logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+
+    out = torch.full((B, n), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # original row of each live batch row
+    cache = model.new_cache(B, max_len=tokens.size(1) + n, device=device) if use_cache else None
+    seq = tokens  # [b, S], the no-cache path re-reads everything
+    logits = model(tokens, cache=cache, attention_mask=mask)[:, -1]  # [B, V]; prefill
+    for step in range(n):
+        if generators is None:
+            tok = sample(logits, generator)  # type: ignore[arg-type]
+        else:  # one draw per row from its own generator, as a batch of one would make it
+            tok = torch.cat([sample(logits[i : i + 1], generators[r]) for i, r in enumerate(rows.tolist())])
+        out[rows, step] = tok
+        lengths[rows] += 1
+        if step == n - 1:
+            break
+        if stops.numel():
+            done = torch.isin(tok, stops)  # [b]
+            n_done = int(done.sum())  # one sync per step, as generate's done.all()
+            if n_done == rows.numel():
+                break
+            if n_done:
+                # Drop finished rows now: their keys and queries would only cost compute. (A finished row
+                # left in would also have to be kept out of lengths and out.)
+                keep = (~done).nonzero().squeeze(1)
+                rows, tok, mask, seq = rows[keep], tok[keep], mask[keep], seq[keep]
+                if cache is not None:
+                    cache.select_rows(keep)
+        mask = torch.cat([mask, mask.new_ones(rows.numel(), 1)], dim=1)  # [b, S + 1]
+        if cache is not None:
+            logits = model(tok[:, None], cache=cache, attention_mask=mask)[:, -1]  # one new position
+        else:
+            seq = torch.cat([seq, tok[:, None]], dim=1)
+            logits = model(seq, attention_mask=mask)[:, -1]
+    width = int(lengths.max())
+    return Generation(tokens=out[:, :width], lengths=lengths)

@@ -78,6 +78,12 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (int64 [B']), in that order: drops finished rows of a batched decode."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.batch_size = rows.numel()
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -173,6 +179,23 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - last_start
 
 
+def padding_positions_and_mask(
+    attention_mask: torch.Tensor,  # [B, S] bool, True = real token; S = cached + new positions
+    start: int,  # positions already in the cache; the new queries are columns start..S-1
+) -> tuple[torch.Tensor, torch.Tensor]:  # positions [B, T], mask bool [B, 1, T, S]
+    """RoPE positions that count real tokens only (0 at each row's first real token, as the row unpadded;
+    RoPE scores depend on position differences only, so this is for float agreement, HF's convention) and a
+    causal mask that hides pad keys. A pad query still sees itself: a fully masked row gives NaN in SDPA,
+    which would reach the pad's keys/values in the next layer, and 0 * NaN would poison the real rows."""
+    keep = attention_mask.bool()
+    S = keep.size(1)
+    positions = (keep.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # [B, T]
+    q_pos = torch.arange(start, S, device=keep.device)[:, None]  # [T, 1]
+    k_pos = torch.arange(S, device=keep.device)[None, :]  # [1, S]
+    mask = ((k_pos <= q_pos)[None] & keep[:, None, :]) | (k_pos == q_pos)[None]  # [B, T, S]
+    return positions, mask[:, None]
+
+
 def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW param groups: decay every >=2-D tensor (all matrices, the embedding included, as nanoGPT:
     when tied it is also the output projection), no decay for 1-D tensors (RMSNorm gains, biases), whose
@@ -220,6 +243,7 @@ class Transformer(nn.Module):
         *,
         doc_ids: torch.Tensor | None = None,  # [B, T]: attention stays inside runs of equal id
         cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,  # [B, cached + T], True = real token (left padding)
     ) -> torch.Tensor:  # [B, T, D], after the final norm
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
@@ -262,6 +286,17 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=device).expand(B, T)
             mask = None
 
+        if attention_mask is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids and attention_mask cannot be combined")
+            start = cache.pos if cache is not None else 0
+            if attention_mask.shape != (B, start + T):
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != (batch, cached + new tokens) "
+                    f"= {(B, start + T)}"
+                )
+            positions, mask = padding_positions_and_mask(attention_mask, start)
+
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # [B, T, Hd]
         x = self.embed(tokens)  # [B, T, D]
         for i, layer in enumerate(self.layers):
@@ -276,8 +311,11 @@ class Transformer(nn.Module):
         *,
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:  # logits [B, T, V]
-        return self.lm_head(self.hidden_states(tokens, doc_ids=doc_ids, cache=cache))
+        return self.lm_head(
+            self.hidden_states(tokens, doc_ids=doc_ids, cache=cache, attention_mask=attention_mask)
+        )
 
     def new_cache(
         self,

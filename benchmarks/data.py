@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_name  # noqa: E402
 from tasks import encode, ingest, tokenizer  # noqa: E402
 from tasks.core.config import IngestConfig, SourceConfig, TokenizerConfig  # noqa: E402
-from tasks.data import embedded  # noqa: E402
+from tasks.data import embedded, sources  # noqa: E402
 
 MB = 1e6
 
@@ -99,7 +99,7 @@ def ours_ingest(jsonl: Path, out: Path) -> ingest.Counts:
 
 
 def raw_ingest(jsonl: Path, out: Path) -> int:
-    rows = iter(ingest.load_hf_dataset("json", None, "train", True, [str(jsonl)]))
+    rows = iter(sources.load_hf_dataset("json", None, "train", True, [str(jsonl)]))
     schema = pa.schema([("text", pa.string())])
     n, buffer = 0, []
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:

@@ -15,7 +15,6 @@ datasets succeeded, so a failed run leaves the previous outputs untouched.
 from __future__ import annotations
 
 import functools
-import glob
 import itertools
 import logging
 from collections.abc import Callable, Iterator
@@ -32,9 +31,14 @@ from tasks.core import paths
 from tasks.core.config import IngestConfig, Params, SourceConfig
 from tasks.core.io import atomic_path, write_json
 from tasks.core.stage import StageError, stage_main
-from tasks.data.textclean import check_utf8, normalize, text_digests
+from tasks.data.records import EXTRACTORS, SCHEMAS, preview
+from tasks.data.sources import Source, check_schema, check_sources, open_source, string_column
+from tasks.data.textclean import text_digests
 
 log = logging.getLogger("tasks.ingest")  # not __name__: under `python -m` that is "__main__"
+
+ROW_GROUP = 2000  # fixed row-group size: same rows -> same parquet bytes; also the rows read at a time
+BATCH_CHARS = 8 << 20  # text extracted from dict rows per chunk
 
 # drop reasons, in the order the filters run (see the module docstring)
 REASONS: tuple[str, ...] = (
@@ -46,274 +50,6 @@ REASONS: tuple[str, ...] = (
     "non_printable",
 )
 REASONS += ("duplicate", "cap")
-FILE_KINDS = {".txt": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> reader
-ROW_GROUP = 2000  # fixed row-group size: same rows -> same parquet bytes; also the rows read at a time
-BATCH_CHARS = 8 << 20  # text extracted from dict rows per chunk
-MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-SCHEMAS = {
-    "pretrain": pa.schema([("text", pa.string()), ("source", pa.string())]),
-    "sft": pa.schema([("messages", MESSAGES_TYPE), ("source", pa.string())]),
-    "preference": pa.schema(
-        [("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()), ("source", pa.string())]
-    ),
-}
-ROLES = ("system", "user", "assistant")
-ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT-style {"from", "value"} turns
-HH_ASSISTANT = "\n\nAssistant:"
-
-
-# ------------------------------------------------------------------------------------ pure helpers
-def _clip(value: Any, limit: int) -> Any:
-    """Long strings cut before repr: a 50 MB row must not be copied whole just to show its start."""
-    if isinstance(value, str) and len(value) > limit:
-        return value[:limit] + f"...<{len(value)} chars>"
-    if isinstance(value, dict):
-        return {k: _clip(v, limit) for k, v in value.items()}
-    return value
-
-
-def _preview(value: Any, limit: int = 160) -> str:
-    text = repr(_clip(value, limit))
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-Extracted = tuple[dict[str, Any] | None, str | None, str]  # record, drop reason, text for the filters
-
-
-def pretrain_record(row: dict, text_field: str) -> Extracted:
-    value = row.get(text_field)
-    if value is None:
-        return None, "missing_field", ""
-    if not isinstance(value, str):
-        return None, "wrong_type", ""
-    return {"text": value}, None, value
-
-
-def _messages(value: Any) -> list[dict[str, str]] | str:
-    """A list of {role, content} (ShareGPT {from, value} accepted), or the drop reason."""
-    if not isinstance(value, list):
-        return "wrong_type"
-    out = []
-    for msg in value:
-        if not isinstance(msg, dict):
-            return "wrong_type"
-        # `or`, not a .get default: mixed files unify structs, so absent keys are present as None
-        role = msg.get("role") or msg.get("from")
-        content = msg.get("content") if msg.get("content") is not None else msg.get("value")
-        if role is None or content is None:
-            return "missing_field"
-        if not isinstance(role, str) or not isinstance(content, str):
-            return "wrong_type"
-        role = ROLE_ALIASES.get(role, role)
-        if role not in ROLES:
-            return "wrong_type"
-        out.append({"role": role, "content": content})
-    return out if out else "missing_field"
-
-
-def sft_record(row: dict, text_field: str) -> Extracted:
-    value = row.get(text_field)
-    if value is None:
-        return None, "missing_field", ""
-    messages = _messages(value)
-    if isinstance(messages, str):
-        return None, messages, ""
-    if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
-        return None, "missing_field", ""
-    return {"messages": messages}, None, "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def split_hh(transcript: str) -> tuple[str, str]:
-    """HH-RLHF '\\n\\nHuman: q\\n\\nAssistant: a' -> (prompt, answer), split at the last assistant turn."""
-    idx = transcript.rfind(HH_ASSISTANT)
-    prompt, answer = transcript[:idx].strip(), transcript[idx + len(HH_ASSISTANT) :].strip()
-    if prompt.startswith("Human:") and HH_ASSISTANT.strip() not in prompt:
-        prompt = prompt[len("Human:") :].strip()  # single-turn: the question itself
-    return prompt, answer
-
-
-def _last_content(messages: list, role: str, last: bool) -> Any:
-    picked = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == role]
-    return (picked[-1] if last else picked[0]) if picked else None
-
-
-def preference_record(row: dict, text_field: str) -> Extracted:
-    prompt, chosen, rejected = row.get(text_field), row.get("chosen"), row.get("rejected")
-    if chosen is None or rejected is None:
-        return None, "missing_field", ""
-    if isinstance(chosen, list) and isinstance(rejected, list):  # UltraFeedback-binarized message lists
-        if not (isinstance(prompt, str) and prompt.strip()):
-            prompt = _last_content(chosen, "user", last=False)
-        chosen = _last_content(chosen, "assistant", last=True)
-        rejected = _last_content(rejected, "assistant", last=True)
-    elif prompt is None and isinstance(chosen, str) and HH_ASSISTANT in chosen and isinstance(rejected, str):
-        prompt, chosen = split_hh(chosen)  # HH-RLHF full transcripts
-        _, rejected = split_hh(rejected)
-    values = (prompt, chosen, rejected)
-    if any(v is None for v in values):
-        return None, "missing_field", ""
-    if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
-        return None, "wrong_type", ""
-    if not (prompt.strip() and chosen.strip() and rejected.strip()):
-        return None, "missing_field", ""
-    if normalize(chosen) == normalize(rejected):
-        return None, "identical_pair", ""
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None, f"{prompt}\n{chosen}\n{rejected}"
-
-
-EXTRACTORS: dict[str, Callable[[dict, str], Extracted]] = {
-    "pretrain": pretrain_record,
-    "sft": sft_record,
-    "preference": preference_record,
-}
-
-
-# ----------------------------------------------------------------------------------------- sources
-def resolve_files(dataset: str, path: str) -> list[Path]:
-    """A file, a directory (all supported files below it) or a glob -> sorted files; StageError if none."""
-    supported = sorted(FILE_KINDS)
-    if not path:
-        raise StageError(f"dataset {dataset}: source kind 'files' needs ingest.{dataset}.path")
-    if any(ch in path for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
-    elif Path(path).is_dir():
-        found = Path(path).rglob("*")
-        files = sorted(
-            p for p in found if p.is_file() and p.suffix in supported and not p.name.startswith(".")
-        )
-    elif Path(path).is_file():
-        files = [Path(path)]
-    else:
-        raise StageError(f"dataset {dataset}: source path {path!r} does not exist (ingest.{dataset}.path)")
-    if not files:
-        raise StageError(f"dataset {dataset}: source path {path!r} matches no {supported} file")
-    kinds = {_file_kind(dataset, p) for p in files}
-    if len(kinds) > 1:
-        raise StageError(
-            f"dataset {dataset}: {path!r} mixes file kinds {sorted(kinds)}; use one kind per source"
-        )
-    return files
-
-
-def _file_kind(dataset: str, p: Path) -> str:
-    if p.suffix not in FILE_KINDS:
-        raise StageError(
-            f"dataset {dataset}: file {p} has unsupported extension {p.suffix!r} ({sorted(FILE_KINDS)})"
-        )
-    return FILE_KINDS[p.suffix]
-
-
-def _txt_rows(dataset: str, files: list[Path]) -> Iterator[dict]:
-    for p in files:
-        check_utf8(dataset, p)
-        yield {"text": p.read_bytes().decode("utf-8"), "source": p.as_posix()}
-
-
-def _parquet_rows(dataset: str, p: Path) -> int:
-    try:
-        return pq.ParquetFile(p).metadata.num_rows  # reads the footer: a truncated or foreign file fails here
-    except Exception as exc:
-        raise StageError(f"dataset {dataset}: file {p} is not a readable parquet file: {exc}") from exc
-
-
-def load_hf_dataset(
-    name: str, config: str | None, split: str, streaming: bool, files: list | None = None
-) -> Any:
-    """The one `datasets.load_dataset` call used for Hub ids, local dataset dirs and json/parquet files."""
-    import datasets  # heavy; only the stages that read sources pay for it
-
-    datasets.disable_progress_bars()
-    return datasets.load_dataset(name, config or None, data_files=files, split=split, streaming=streaming)
-
-
-@dataclass
-class Source:
-    rows: Iterator[dict]
-    description: str
-    text_field: str
-    features: Any = None
-    from_datasets: bool = False
-    dataset: Any = None  # the `datasets` object rows come from (read as arrow batches where it can be)
-
-
-def open_source(dataset: str, src: SourceConfig, seed: int) -> Source:
-    from tasks.data import embedded
-
-    if src.kind == "embedded":
-        rows = {"sft": embedded.sft_conversations, "preference": embedded.preference_pairs}.get(dataset)
-        native = {"pretrain": "text", "sft": "messages", "preference": "prompt"}[dataset]
-        return Source(rows(seed) if rows else embedded.pretrain_documents(), "embedded", native)
-    if src.kind == "files":
-        files = resolve_files(dataset, src.path)
-        kind = _file_kind(dataset, files[0])
-        desc = f"files {src.path} ({len(files)} {kind} file{'s' if len(files) > 1 else ''})"
-        if kind == "txt":
-            if dataset != "pretrain":
-                raise StageError(
-                    f"dataset {dataset}: txt files hold plain text; {dataset} needs jsonl or parquet"
-                )
-            return Source(_txt_rows(dataset, files), desc, "text")
-        if kind == "json":
-            for p in files:
-                check_utf8(dataset, p)
-        else:  # `datasets` fails on a parquet file with no rows ("BatchSize must be greater than 0")
-            files = [p for p in files if _parquet_rows(dataset, p) > 0]
-            if not files:
-                raise StageError(f"dataset {dataset}: {desc} is empty (no rows)")
-        try:
-            ds = load_hf_dataset(kind, None, "train", src.streaming, [str(p) for p in files])
-        except StopIteration as exc:  # what `datasets` raises for a json file with no records
-            raise StageError(f"dataset {dataset}: {desc} is empty (no rows)") from exc
-        except Exception as exc:
-            raise StageError(f"dataset {dataset}: cannot read {desc}: {type(exc).__name__}: {exc}") from exc
-        return Source(iter(ds), desc, src.text_field, getattr(ds, "features", None), True, ds)
-    if src.kind == "hf":
-        if not src.hf_id:
-            raise StageError(f"dataset {dataset}: source kind 'hf' needs ingest.{dataset}.hf_id")
-        desc = f"hf {src.hf_id}" + (f"[{src.hf_config}]" if src.hf_config else "") + f" split {src.split}"
-        try:
-            ds = load_hf_dataset(src.hf_id, src.hf_config, src.split, src.streaming)
-        except Exception as exc:
-            raise StageError(f"dataset {dataset}: cannot load {desc}: {type(exc).__name__}: {exc}") from exc
-        return Source(iter(ds), desc, src.text_field, getattr(ds, "features", None), True, ds)
-    raise StageError(f"dataset {dataset}: unknown source kind {src.kind!r} (embedded, files, hf)")
-
-
-def check_sources(params: Params) -> None:
-    """Fail fast (before any stage runs) on a files source that matches nothing or a bad source kind."""
-    for dataset in paths.DATASETS:
-        src: SourceConfig = getattr(params.ingest, dataset)
-        if src.kind == "files":
-            resolve_files(dataset, src.path)
-        elif src.kind == "hf" and not src.hf_id:
-            raise StageError(f"dataset {dataset}: source kind 'hf' needs ingest.{dataset}.hf_id")
-        elif src.kind not in ("embedded", "files", "hf"):
-            raise StageError(f"dataset {dataset}: unknown source kind {src.kind!r} (embedded, files, hf)")
-
-
-def _string_column(source: Source) -> bool:
-    feature = source.features.get(source.text_field) if source.features is not None else None
-    return type(feature).__name__ == "Value" and getattr(feature, "dtype", "") in ("string", "large_string")
-
-
-def check_schema(dataset: str, source: Source, first_row: dict) -> None:
-    """Schema-level problems are configuration errors, not rows to drop: fail with the field list."""
-    if not source.from_datasets:
-        return  # embedded and txt rows are built here and always carry their fields
-    fields = list(source.features) if source.features is not None else sorted(first_row)
-    for name in ["chosen", "rejected"] if dataset == "preference" else [source.text_field]:
-        if name not in fields:
-            raise StageError(
-                f"dataset {dataset}: {source.description} has no field {name!r} "
-                f"(ingest.{dataset}.text_field); available fields: {fields}"
-            )
-    feature = source.features[source.text_field] if dataset == "pretrain" and source.features else None
-    # a Value of another dtype is a wrong column; Json() means mixed types, which are checked per row
-    if type(feature).__name__ == "Value" and not _string_column(source):
-        raise StageError(
-            f"dataset {dataset}: field {source.text_field!r} in {source.description} has type "
-            f"{feature}, expected a string column"
-        )
 
 
 # ---------------------------------------------------------------------------------------- ingesting
@@ -330,7 +66,7 @@ class Counts:
         """`row` may be a function giving it: only the first row per reason is shown."""
         self.dropped[reason] += 1
         if reason not in self.examples:
-            self.examples[reason] = f"row {index}: {_preview(row() if callable(row) else row)}"
+            self.examples[reason] = f"row {index}: {preview(row() if callable(row) else row)}"
 
     def summary(self, description: str) -> dict[str, Any]:
         counts = {k: getattr(self, k) for k in ("rows_in", "rows_kept", "bytes_kept", "capped")}
@@ -480,7 +216,7 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
     """Filter source rows into the parquet file `out`; returns the counts. Pure apart from `out`."""
     cap, max_bytes = dataset_cap(dataset, cfg), cfg.max_bytes if dataset == "pretrain" else 0
     counts, seen, index = Counts(), set(), 0
-    if dataset == "pretrain" and source.dataset is not None and _string_column(source):
+    if dataset == "pretrain" and source.dataset is not None and string_column(source):
         chunks = _prefetched(_arrow_chunks(source))
     else:  # reading no further than the row that may hit the cap
         chunks = _row_chunks(

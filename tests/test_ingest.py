@@ -18,7 +18,7 @@ import pytest
 
 from tasks import ingest, validate
 from tasks.core.stage import StageError
-from tasks.data import embedded, textclean
+from tasks.data import embedded, sources, textclean
 from tests.datahelpers import (
     REPO,
     files_source,
@@ -227,7 +227,7 @@ def test_ingest_bad_input_fails_clearly_and_leaves_outputs(ws):
         assert message in str(err.value) and "dataset pretrain" in str(err.value), (case, str(err.value))
         assert tree_hashes(ws / "data" / "raw") == before, case
     with pytest.raises(StageError, match="does not exist"):
-        ingest.check_sources(make_params({"sft": files_source(bad / "missing.jsonl")}))
+        sources.check_sources(make_params({"sft": files_source(bad / "missing.jsonl")}))
     # a later dataset failing after pretrain was already written: still nothing replaced
     with pytest.raises(StageError, match="dataset sft: .* has no field 'messages'"):
         ingest.run(make_params({"sft": files_source(bad / "f.jsonl", text_field="messages")}), None)

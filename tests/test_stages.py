@@ -1,5 +1,6 @@
 """The stage registry (tasks/core/stages.py) against dvc.yaml, and the graph the flow derives from dvc.yaml."""
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,51 @@ def test_dvc_yaml_without_stages_is_refused(tmp_path):
     path.write_text("vars: []\n")
     with pytest.raises(ValueError, match="no `stages:` mapping"):
         stages.stage_graph(path)
+
+
+# Source files a stage imports that cannot change what it writes: the entry-point wrapper (error
+# reporting), the process launcher and MLflow logging (register excepted: logging models is its result).
+NOT_RESULT_CODE = {"tasks/core/stage.py", "tasks/core/launch.py", "tasks/core/tracking.py"}
+
+
+def project_imports(path: Path) -> set[str]:
+    """tasks/ and models/ source files imported by `path` (module or package-member imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            if name.split(".")[0] in ("tasks", "models"):
+                candidate = REPO / (name.replace(".", "/") + ".py")
+                if candidate.is_file():
+                    found.add(str(candidate.relative_to(REPO)))
+    return found
+
+
+def import_closure(entry: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(project_imports(REPO / path))
+    return seen
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_code_deps_are_exactly_what_the_stage_imports(stage):
+    """A source file a stage runs is a dep (else editing it leaves stale outputs), and nothing else is."""
+    spec = stages.dvc_stages(REPO / "dvc.yaml")[stage]
+    deps = {d for d in stages._paths(spec.get("deps", [])) if d.startswith(("tasks", "models"))}
+    ignored = NOT_RESULT_CODE - ({"tasks/core/tracking.py"} if stage == "register" else set())
+    needed = import_closure(f"tasks/{stage}.py") - ignored
+    if stage == "register":
+        needed.add("tasks/serve/pyfunc.py")  # logged as the models' code (a file path, not an import)
+    assert not needed - deps, f"stage {stage}: dvc.yaml deps lack {sorted(needed - deps)}"
+    assert not deps - needed, (
+        f"stage {stage}: dvc.yaml deps name files it does not run: {sorted(deps - needed)}"
+    )

@@ -32,13 +32,20 @@ def shard_path(split: str, tokens_dir: Path = paths.TOKENS) -> Path:
 
 def load_shard(split: str, tokens_dir: Path = paths.TOKENS) -> np.ndarray:
     """The split's token ids, memory-mapped read-only (an empty array for an empty split)."""
-    index = read_index(Path(tokens_dir) / INDEX)
+    return read_shard(shard_path(split, tokens_dir))
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """A token shard as a read-only little-endian memmap, checked against the index.json beside it."""
+    path = Path(path)
+    index = read_index(path.parent / INDEX)
     dtype = np.dtype(index["dtype"]).newbyteorder("<")  # shards are little-endian on every machine
-    path = shard_path(split, tokens_dir)
+    if dtype not in (np.dtype("<u2"), np.dtype("<u4")):
+        raise ValueError(f"{path.parent / INDEX}: token dtype must be uint16 or uint32, got {index['dtype']}")
     if not path.exists():
         raise FileNotFoundError(f"token shard {path} not found; run the encode stage first")
     size = path.stat().st_size
-    expected = index.get(f"{split}_tokens", size // dtype.itemsize)  # older indexes lack the counts
+    expected = index.get(f"{path.stem}_tokens", size // dtype.itemsize)  # older indexes lack the counts
     if size % dtype.itemsize or size // dtype.itemsize != expected:
         raise ValueError(f"{path} has {size} bytes, but {INDEX} says {expected} {dtype.name} tokens")
     if size == 0:  # np.memmap cannot map an empty file

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasks.data.shards import read_shard
+
 
 def logits_checked(model: Any, tokens: torch.Tensor, index: torch.Tensor, cache: Any = None) -> torch.Tensor:
     logits = logits_at(model, tokens, index, cache)
@@ -167,24 +169,6 @@ def text_file_perplexity(model: Any, tokenizer: Any, path: Path, **kw: Any) -> d
     }
 
 
-def load_shard(path: Path, dtype: str | None = None, max_tokens: int = 0) -> np.ndarray:
-    """A token shard as a read-only memmap; dtype from the argument, else the index.json beside it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token shard {path} not found; run the encode stage first")
-    if dtype is None:
-        index = path.parent / "index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"{index} not found: cannot tell the dtype of {path}")
-        from tasks.core.io import read_json
-
-        dtype = read_json(index)["dtype"]
-    if np.dtype(dtype) not in (np.dtype("uint16"), np.dtype("uint32")):
-        raise ValueError(f"{path}: token dtype must be uint16 or uint32, got {dtype}")
-    arr = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")  # shards are little-endian
-    return arr[:max_tokens] if max_tokens > 0 else arr
-
-
 def shard_perplexity(
     model: Any,
     tokenizer: Any,
@@ -193,7 +177,6 @@ def shard_perplexity(
     stride: int = 128,
     max_tokens: int = 50000,
     *,
-    dtype: str | None = None,
     batch_size: int = 8,
     device: Any = "cpu",
 ) -> dict[str, Any]:
@@ -204,7 +187,8 @@ def shard_perplexity(
     text, which slightly raises bpb against text_perplexity of the same documents.
     """
     window, stride = _fit_window(model, window, stride)
-    tokens = load_shard(path, dtype, max_tokens)
+    tokens = read_shard(path)
+    tokens = tokens[:max_tokens] if max_tokens > 0 else tokens
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and len(tokens) and int(tokens.max()) >= vocab:
         raise ValueError(f"{path}: token id {int(tokens.max())} >= model vocab_size {vocab}")

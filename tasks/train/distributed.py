@@ -40,9 +40,8 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         # DeepSpeed JIT-builds a shared-memory all-reduce kernel for CPU *inference* (AutoTP) on every
-        # process start: 20-90 s with ninja on 2 cores, rebuilt whenever the ninja on PATH changes
-        # (venv vs system ninja hash their logs differently). Training reduces through gloo and never
-        # calls it, so mark it unavailable, which is what DeepSpeed does on platforms without it.
+        # process start, and rebuilds it whenever the ninja on PATH changes. Training reduces through
+        # gloo and never calls it, so mark it unavailable, as DeepSpeed does on platforms without it.
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -50,9 +49,9 @@ def init_distributed() -> None:
 
 
 def effective_zero_stage(cfg: TrainConfig) -> int:
-    """ZeRO partitions state across processes; on one process there is nothing to partition, and stages
-    1-3 only add flat-buffer copies (+12-20% CPU time per step measured on the benchmark model), so one
-    process runs stage 0: the same AdamW update and clipping, the same checkpoint contents."""
+    """ZeRO partitions state across processes; on one process there is nothing to partition and stages
+    1-3 only add flat-buffer copies (slower, see benchmarks/pretrain.py), so one process runs stage 0:
+    the same AdamW update and clipping, the same checkpoint contents."""
     return cfg.zero_stage if world_size() > 1 else 0
 
 
@@ -63,7 +62,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size(),
         "gradient_clipping": cfg.grad_clip,
-        # torch_adam avoids a 40 s FusedAdam JIT build on CPU; lr is scaled by our LambdaLR.
+        # torch_adam avoids a FusedAdam JIT build on CPU; lr is scaled by our LambdaLR.
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True},

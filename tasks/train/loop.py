@@ -132,10 +132,12 @@ def train(
     """
     import deepspeed
 
+    # ---- check everything that can be checked before an engine starts
     check_train_config(cfg)
     state_dir = Path(state_dir)
     shapes = param_shapes(model)  # before ZeRO-3 partitions them
     resume_tag = check_resume_state(state_dir, shapes, cfg)  # bad state fails before any engine starts
+    # ---- processes, engine (optimizer, LR schedule as a multiplier of lr), and resume
     torch.manual_seed(cfg.seed)
     init_distributed()
     rank, world = int(os.environ.get("RANK", "0")), world_size()
@@ -161,6 +163,7 @@ def train(
         [r for r in _read_csv(progress_csv) if r.get("step", 0) < start_step] if start_step else []
     )
 
+    # ---- the training loop: one iteration = one optimizer step over grad_accum micro-batches
     use_autocast = cfg.bf16 and engine.device.type == "cpu"
     flops_per_token: Callable[..., int] | None = getattr(model, "flops_per_token", None)
     peak = 0.0
@@ -171,6 +174,7 @@ def train(
         engine.train()
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
+            # forward and backward of one micro-batch; DeepSpeed steps the optimizer (and clips) on the last
             batch = objective.batch(step, micro, engine.module)
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
@@ -186,6 +190,7 @@ def train(
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+        # metrics of the step, averaged over ranks; a non-finite loss stops the run here
         grad_norm = engine.get_global_grad_norm()
         window_time += time.perf_counter() - step_start  # training time only: no eval, no checkpoints
         last = {**mean_over_ranks(sums, engine.device), "lr": scheduler.get_last_lr()[0]}
@@ -194,6 +199,7 @@ def train(
         if not math.isfinite(last["loss"]):
             raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower lr or check the data")
         done = step + 1
+        # log (and evaluate) every log_every steps: throughput over training time only
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             # Every rank processes the same number of tokens per step, so global = rank's * world.
             last["tokens_per_s"] = window_tokens * world / max(window_time, 1e-9)
@@ -213,9 +219,11 @@ def train(
         if os.environ.get("PIPELINE_KILL_AT_STEP") == str(done):
             # Fault injection for the resume tests: die like `kill -9` would, with no cleanup at all.
             os.kill(os.getpid(), signal.SIGKILL)
+        # resume state every checkpoint_every steps (the curve first, so it covers the checkpoint)
         if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             metric_log.write_csv(previous_rows)  # before `latest` moves on: the curve covers the checkpoint
             save_state(engine, state_dir, done, shapes, cfg, model)
+    # ---- the whole curve to the plot CSV; the full weights gathered from every rank
     metric_log.write_csv(previous_rows, plot_csv)
     if start_step:
         last["resumed_from_step"] = float(start_step)  # in the stage's metrics JSON, not in its checkpoint
@@ -226,6 +234,7 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
+# What varies between runs that learned the same weights: timings, and where a killed run resumed.
 RUN_METRICS = ("tokens_per_s", "mfu", "seconds", "flops", "resumed_from_step")
 
 

@@ -12,7 +12,7 @@ _PEAK_TFLOPS: dict[str, float] = {}
 
 def peak_tflops(device: torch.device, bf16: bool = True) -> float:
     """Dense matmul peak of one process in TFLOP/s: PIPELINE_PEAK_TFLOPS if set, else measured once
-    (a square bf16 matmul, fp32 when bf16 is off: ~0.3 s on CPU, ~0.1 s on GPU)."""
+    (a square bf16 matmul, fp32 when bf16 is off)."""
     if os.environ.get("PIPELINE_PEAK_TFLOPS"):
         return float(os.environ["PIPELINE_PEAK_TFLOPS"])
     key = f"{device.type}:{bf16}"

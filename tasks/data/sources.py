@@ -1,0 +1,171 @@
+"""Where ingest reads from: embedded data, local files (txt/json/jsonl/parquet), or a `datasets` source.
+
+`check_sources` refuses a bad source before any reading (missing path, unknown kind, missing hf_id);
+`open_source` gives a `Source` whose rows stream in arrow batches; `check_schema` refuses a text field
+that is missing or not a string column.
+"""
+
+import glob
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from tasks.core import paths
+from tasks.core.config import Params, SourceConfig
+from tasks.core.stage import StageError
+from tasks.data.textclean import check_utf8
+
+log = logging.getLogger("tasks.ingest")
+
+FILE_KINDS = {".txt": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> reader
+
+
+def resolve_files(dataset: str, path: str) -> list[Path]:
+    """A file, a directory (all supported files below it) or a glob -> sorted files; StageError if none."""
+    supported = sorted(FILE_KINDS)
+    if not path:
+        raise StageError(f"dataset {dataset}: source kind 'files' needs ingest.{dataset}.path")
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+    elif Path(path).is_dir():
+        found = Path(path).rglob("*")
+        files = sorted(
+            p for p in found if p.is_file() and p.suffix in supported and not p.name.startswith(".")
+        )
+    elif Path(path).is_file():
+        files = [Path(path)]
+    else:
+        raise StageError(f"dataset {dataset}: source path {path!r} does not exist (ingest.{dataset}.path)")
+    if not files:
+        raise StageError(f"dataset {dataset}: source path {path!r} matches no {supported} file")
+    kinds = {_file_kind(dataset, p) for p in files}
+    if len(kinds) > 1:
+        raise StageError(
+            f"dataset {dataset}: {path!r} mixes file kinds {sorted(kinds)}; use one kind per source"
+        )
+    return files
+
+
+def _file_kind(dataset: str, p: Path) -> str:
+    if p.suffix not in FILE_KINDS:
+        raise StageError(
+            f"dataset {dataset}: file {p} has unsupported extension {p.suffix!r} ({sorted(FILE_KINDS)})"
+        )
+    return FILE_KINDS[p.suffix]
+
+
+def _txt_rows(dataset: str, files: list[Path]) -> Iterator[dict]:
+    for p in files:
+        check_utf8(dataset, p)
+        yield {"text": p.read_bytes().decode("utf-8"), "source": p.as_posix()}
+
+
+def _parquet_rows(dataset: str, p: Path) -> int:
+    try:
+        return pq.ParquetFile(p).metadata.num_rows  # reads the footer: a truncated or foreign file fails here
+    except Exception as exc:
+        raise StageError(f"dataset {dataset}: file {p} is not a readable parquet file: {exc}") from exc
+
+
+def load_hf_dataset(
+    name: str, config: str | None, split: str, streaming: bool, files: list | None = None
+) -> Any:
+    """The one `datasets.load_dataset` call used for Hub ids, local dataset dirs and json/parquet files."""
+    import datasets  # heavy; only the stages that read sources pay for it
+
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(name, config or None, data_files=files, split=split, streaming=streaming)
+
+
+@dataclass
+class Source:
+    rows: Iterator[dict]
+    description: str
+    text_field: str
+    features: Any = None
+    from_datasets: bool = False
+    dataset: Any = None  # the `datasets` object rows come from (read as arrow batches where it can be)
+
+
+def open_source(dataset: str, src: SourceConfig, seed: int) -> Source:
+    from tasks.data import embedded
+
+    if src.kind == "embedded":
+        rows = {"sft": embedded.sft_conversations, "preference": embedded.preference_pairs}.get(dataset)
+        native = {"pretrain": "text", "sft": "messages", "preference": "prompt"}[dataset]
+        return Source(rows(seed) if rows else embedded.pretrain_documents(), "embedded", native)
+    if src.kind == "files":
+        files = resolve_files(dataset, src.path)
+        kind = _file_kind(dataset, files[0])
+        desc = f"files {src.path} ({len(files)} {kind} file{'s' if len(files) > 1 else ''})"
+        if kind == "txt":
+            if dataset != "pretrain":
+                raise StageError(
+                    f"dataset {dataset}: txt files hold plain text; {dataset} needs jsonl or parquet"
+                )
+            return Source(_txt_rows(dataset, files), desc, "text")
+        if kind == "json":
+            for p in files:
+                check_utf8(dataset, p)
+        else:  # `datasets` fails on a parquet file with no rows ("BatchSize must be greater than 0")
+            files = [p for p in files if _parquet_rows(dataset, p) > 0]
+            if not files:
+                raise StageError(f"dataset {dataset}: {desc} is empty (no rows)")
+        try:
+            ds = load_hf_dataset(kind, None, "train", src.streaming, [str(p) for p in files])
+        except StopIteration as exc:  # what `datasets` raises for a json file with no records
+            raise StageError(f"dataset {dataset}: {desc} is empty (no rows)") from exc
+        except Exception as exc:
+            raise StageError(f"dataset {dataset}: cannot read {desc}: {type(exc).__name__}: {exc}") from exc
+        return Source(iter(ds), desc, src.text_field, getattr(ds, "features", None), True, ds)
+    if src.kind == "hf":
+        if not src.hf_id:
+            raise StageError(f"dataset {dataset}: source kind 'hf' needs ingest.{dataset}.hf_id")
+        desc = f"hf {src.hf_id}" + (f"[{src.hf_config}]" if src.hf_config else "") + f" split {src.split}"
+        try:
+            ds = load_hf_dataset(src.hf_id, src.hf_config, src.split, src.streaming)
+        except Exception as exc:
+            raise StageError(f"dataset {dataset}: cannot load {desc}: {type(exc).__name__}: {exc}") from exc
+        return Source(iter(ds), desc, src.text_field, getattr(ds, "features", None), True, ds)
+    raise StageError(f"dataset {dataset}: unknown source kind {src.kind!r} (embedded, files, hf)")
+
+
+def check_sources(params: Params) -> None:
+    """Fail fast (before any stage runs) on a files source that matches nothing or a bad source kind."""
+    for dataset in paths.DATASETS:
+        src: SourceConfig = getattr(params.ingest, dataset)
+        if src.kind == "files":
+            resolve_files(dataset, src.path)
+        elif src.kind == "hf" and not src.hf_id:
+            raise StageError(f"dataset {dataset}: source kind 'hf' needs ingest.{dataset}.hf_id")
+        elif src.kind not in ("embedded", "files", "hf"):
+            raise StageError(f"dataset {dataset}: unknown source kind {src.kind!r} (embedded, files, hf)")
+
+
+def string_column(source: Source) -> bool:
+    feature = source.features.get(source.text_field) if source.features is not None else None
+    return type(feature).__name__ == "Value" and getattr(feature, "dtype", "") in ("string", "large_string")
+
+
+def check_schema(dataset: str, source: Source, first_row: dict) -> None:
+    """Schema-level problems are configuration errors, not rows to drop: fail with the field list."""
+    if not source.from_datasets:
+        return  # embedded and txt rows are built here and always carry their fields
+    fields = list(source.features) if source.features is not None else sorted(first_row)
+    for name in ["chosen", "rejected"] if dataset == "preference" else [source.text_field]:
+        if name not in fields:
+            raise StageError(
+                f"dataset {dataset}: {source.description} has no field {name!r} "
+                f"(ingest.{dataset}.text_field); available fields: {fields}"
+            )
+    feature = source.features[source.text_field] if dataset == "pretrain" and source.features else None
+    # a Value of another dtype is a wrong column; Json() means mixed types, which are checked per row
+    if type(feature).__name__ == "Value" and not string_column(source):
+        raise StageError(
+            f"dataset {dataset}: field {source.text_field!r} in {source.description} has type "
+            f"{feature}, expected a string column"
+        )

@@ -14,21 +14,18 @@ anything is written; `alerts.fail_on_alert` makes it fail the stage).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 
-from models.generate import generate
-from models.heads import PolicyWithValue, last_token_values
+from models.heads import PolicyWithValue
 from models.llama import Transformer
 from tasks.core import paths
 from tasks.core.config import Params, RLHFConfig
-from tasks.core.io import atomic_write_bytes
 from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
@@ -36,110 +33,75 @@ from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.dpo import alerts_at_end, check_same_architecture
 from tasks.train.loop import Batch, load_causal_lm, load_stage_model, train_stage
 from tasks.train.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
+from tasks.train.rollouts import (
+    KLController,
+    RewardFn,
+    RolloutCache,
+    Sampling,
+    policy_autocast,
+    sample_responses,
+    score_with_reward_model,
+    shaped_rewards,
+)
 
 log = logging.getLogger(__name__)
 
-# Until tasks/core/config.py has `RLHFConfig.kl_horizon`: the adaptive controller's horizon (TRL's default).
-KL_HORIZON_DEFAULT = 10_000
 EVAL_SEED = 999_983  # held-out responses are sampled with seeds no rollout uses (rollouts: seed = step)
 
 
-class KLController:
-    """The per-token KL penalty coefficient. Fixed, or adaptive as in Ziegler et al. (2019) / TRL:
-    e = clip(KL / target - 1, -0.2, 0.2); coef *= 1 + e * n_samples / horizon."""
-
-    def __init__(self, value: float, adaptive: bool, target: float, horizon: int) -> None:
-        if adaptive and (target <= 0 or horizon <= 0):
-            raise StageError(
-                f"adaptive KL needs rlhf.target_kl > 0 and a horizon > 0, got {target}, {horizon}"
-            )
-        self.value, self.adaptive, self.target, self.horizon = value, adaptive, target, horizon
-
-    def update(self, current_kl: float, n_samples: int) -> float:
-        if self.adaptive:
-            error = max(-0.2, min(0.2, current_kl / self.target - 1))
-            self.value *= 1 + error * n_samples / self.horizon
-        return self.value
-
-
 class ProximalPolicy:
+    """PPO on `prompts` (token ids, one per preference row): rollouts from the rows in `train_rows`,
+    held-out reward on those in `val_rows` (chat_data.rlhf_split)."""
+
     def __init__(
         self,
         prompts: list[list[int]],
+        train_rows: list[int],
+        val_rows: list[int],
         reference: Transformer,
         reward_model: nn.Module,
         cfg: RLHFConfig,
         tokenizer: ChatTokenizer,
     ) -> None:
-        if len(prompts) < 2:
-            raise StageError(f"rlhf needs prompts; {paths.validated('preference')} gave {len(prompts)}")
-        self.train_idx, self.val_idx = chat_data.split(len(prompts), 0.1, cfg.train.seed)
-        self.prompts, self.reference, self.reward_model, self.cfg = prompts, reference, reward_model, cfg
-        self.pad_id, self.stop = tokenizer.pad_id, [tokenizer.end_id, tokenizer.eos_id]
-        self.kl = KLController(
-            cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, int(getattr(cfg, "kl_horizon", KL_HORIZON_DEFAULT))
+        if len(train_rows) < 1 or len(val_rows) < 1:
+            raise StageError(
+                f"rlhf needs prompts; {paths.validated('preference')} gave {len(train_rows) + len(val_rows)} "
+                f"that leave rlhf.max_new_tokens={cfg.max_new_tokens} for a response"
+            )
+        self.train_idx, self.val_idx = train_rows, val_rows
+        self.prompts, self.reference, self.cfg = prompts, reference, cfg
+        self.reward_fn: RewardFn = functools.partial(score_with_reward_model, reward_model)
+        self.sampling = Sampling(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k or None,
+            stop=(tokenizer.end_id, tokenizer.eos_id),
+            pad_id=tokenizer.pad_id,
         )
+        self.kl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.rollout: Batch | None = None
         self.rollout_step = -1
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.cache_dir = paths.STATE / "rlhf"
+        self.cache = RolloutCache(paths.STATE / "rlhf", int(os.environ.get("RANK", "0")))
 
     @property
     def kl_coef(self) -> float:
         return self.kl.value
 
-    def cache(self, step: int) -> Path:
-        return self.cache_dir / f"rollout-rank{self.rank}-step{step:08d}.safetensors"
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The precision the loop computes the loss in, so that at the first PPO epoch the new/old ratio is
+        exactly 1 and the KL to an identical reference exactly 0."""
+        return policy_autocast(self.cfg.train.bf16, device)
 
     # ---------------------------------------------------------------------------------- rollouts
     @torch.no_grad()
-    def sample_responses(self, policy: Transformer, idx: list[int], seed: int, greedy: bool = False) -> Batch:
-        """Generate one response per prompt; returns tokens [B,T], response mask in label space, lengths."""
-        seqs, masks = [], []
-        device = next(policy.parameters()).device
-        for j, i in enumerate(idx):
-            prompt = torch.tensor([self.prompts[i]], dtype=torch.long, device=device)
-            gen = torch.Generator(device=device).manual_seed(seed * 1000 + j)
-            out = generate(
-                policy,
-                prompt,
-                max_new_tokens=self.cfg.max_new_tokens,
-                temperature=0.0 if greedy else self.cfg.temperature,
-                top_k=self.cfg.top_k or None,
-                stop_tokens=self.stop,
-                pad_id=self.pad_id,
-                generator=gen,
-            )[0].tolist()
-            response = out[len(self.prompts[i]) :]
-            if self.pad_id in response:  # generate pads rows after their stop token
-                response = response[: response.index(self.pad_id)]
-            response = response or [self.stop[0]]
-            seqs.append(self.prompts[i] + response)
-            masks.append([False] * (len(self.prompts[i]) - 1) + [True] * len(response))
-        tokens = chat_data.pad(seqs, self.pad_id)
-        mask = chat_data.pad(masks, 0, fill=0)[:, : tokens.shape[1] - 1].float()
-        return {"tokens": tokens, "mask": mask, "lengths": torch.tensor([len(s) for s in seqs])}
-
-    @torch.no_grad()
-    def score(self, batch: Batch) -> torch.Tensor:
-        tokens = batch["tokens"]
-        self.reward_model.to(tokens.device)
-        values = self.reward_model(tokens)  # [B, T]
-        return last_token_values(values.float(), batch["lengths"].to(tokens.device))  # [B]
-
-    def autocast(self, device: torch.device) -> torch.autocast:
-        """The precision the loop computes the loss in (bf16 autocast on CPU), so that at the first PPO
-        epoch the new/old ratio is exactly 1 and the KL to an identical reference exactly 0."""
-        return torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16 and device.type == "cpu"
-        )
-
-    @torch.no_grad()
     def make_rollout(self, model: PolicyWithValue, step: int) -> Batch:
+        """rollout_batch_size training prompts (drawn by step), a response to each sampled with seed = step,
+        scored, with per-token rewards, old log-probs/values and GAE advantages; all [B, T-1] or [B]."""
         pick = chat_data.sample(
             len(self.train_idx), self.cfg.rollout_batch_size, self.cfg.train.seed, step, 0
         )
-        batch = self.sample_responses(model.transformer, [int(self.train_idx[i]) for i in pick], seed=step)
+        prompts = [self.prompts[self.train_idx[i]] for i in pick]
+        batch = sample_responses(model.transformer, prompts, self.sampling, seed=step)
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         tokens, mask = batch["tokens"], batch["mask"]
@@ -148,11 +110,8 @@ class ProximalPolicy:
             logits, values = model(tokens[:, :-1])
             old_logps = token_logps(logits, tokens[:, 1:])  # [B, T-1]
             ref_logps = token_logps(self.reference(tokens[:, :-1]), tokens[:, 1:])
-            scores = self.score(batch)  # [B]
-        kl = (old_logps - ref_logps) * mask  # per-token KL estimate, [B, T-1]
-        rewards = -self.kl.value * kl
-        last = (batch["lengths"] - 2).clamp_min(0)  # label index of the last response token
-        rewards[torch.arange(len(last)), last] += scores
+            scores = self.reward_fn(batch)  # [B]
+        rewards, kl = shaped_rewards(old_logps, ref_logps, mask, scores, batch["lengths"], self.kl.value)
         values = values.float() * mask
         advantages, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
         advantages = masked_whiten(advantages, mask)
@@ -174,42 +133,26 @@ class ProximalPolicy:
             if self.rollout is None:
                 self._on_first_batch(step, start)
             if step != start:  # resumed in the middle of a rollout's epochs: the weights moved since
-                self.rollout = self._load(start)
+                self.rollout = self.cache.load(start)
                 self.kl.value = float(self.rollout.pop("kl_coef_after"))
-                log.info("resumed on the cached rollout of step %d (%s)", start, self.cache(start))
+                log.info("resumed on the cached rollout of step %d (%s)", start, self.cache.path(start))
             else:
                 self.rollout = self.make_rollout(model, start)  # type: ignore[arg-type]
                 kl_after = self.kl.update(float(self.rollout["kl"].mean()), int(self.rollout["kl"].numel()))
-                tensors = {k: v.contiguous() for k, v in self.rollout.items()}
-                tensors["kl_coef_after"] = torch.tensor(kl_after, dtype=torch.float64)
-                atomic_write_bytes(self.cache(start), save(tensors))
+                self.cache.save(start, self.rollout, {"kl_coef_after": kl_after})
             self.rollout_step = start
         assert self.rollout is not None
         return dict(self.rollout)
 
-    def _load(self, step: int) -> Batch:
-        path = self.cache(step)
-        if not path.exists():
-            raise StageError(f"resuming PPO at a rollout of step {step}, but its cache {path} is missing")
-        return load_file(str(path))
-
     def _on_first_batch(self, step: int, start: int) -> None:
         """A fresh run drops rollouts of an earlier attempt; a resumed one restores the KL coefficient."""
         if step == 0:
-            for old in self.cache_dir.glob(f"rollout-rank{self.rank}-step*.safetensors"):
-                old.unlink()
+            self.cache.clear()
         elif start > 0:  # the coefficient after the previous rollout's update, used by this new one
-            self.kl.value = float(self._load(start - self.cfg.ppo_epochs)["kl_coef_after"])
-
-    def rollout_kls(self) -> dict[int, float]:
-        """Mean KL of every rollout of this run so far, by the step that made it (from the cache)."""
-        out = {}
-        for path in sorted(self.cache_dir.glob(f"rollout-rank{self.rank}-step*.safetensors")):
-            out[int(path.stem.rsplit("step", 1)[1])] = float(load_file(str(path))["kl"].mean())
-        return out
+            self.kl.value = float(self.cache.load(start - self.cfg.ppo_epochs)["kl_coef_after"])
 
     def kl_alerts(self, max_kl: float) -> list[str]:
-        over = {s: kl for s, kl in self.rollout_kls().items() if kl > max_kl}
+        over = {s: kl for s, kl in self.cache.means("kl").items() if kl > max_kl}
         if not over:
             return []
         step, kl = max(over.items(), key=lambda item: item[1])
@@ -256,11 +199,11 @@ class ProximalPolicy:
         with fixed seeds: the expected reward PPO maximises, comparable from one evaluation to the next.
         (Greedy decoding would score one degenerate response per prompt of a small model, not the policy.)"""
         n = max(1, self.cfg.train.eval_batches * self.cfg.rollout_batch_size)
-        idx = [int(i) for i in self.val_idx[:n]]
-        batch = self.sample_responses(model.transformer, idx, seed=EVAL_SEED)  # type: ignore[arg-type]
+        prompts = [self.prompts[i] for i in self.val_idx[:n]]
+        batch = sample_responses(model.transformer, prompts, self.sampling, seed=EVAL_SEED)
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores = self.score(batch)
+        scores = self.reward_fn(batch)
         return {
             "val/reward_mean": float(scores.mean()),
             "val/response_tokens": float(batch["mask"].sum(-1).float().mean()),
@@ -270,26 +213,26 @@ class ProximalPolicy:
         return int(batch["tokens"].numel())
 
 
-def load_prompts(tokenizer: ChatTokenizer, cfg: RLHFConfig, max_seq_len: int) -> list[list[int]]:
-    room = max_seq_len - cfg.max_new_tokens
-    if room < 8:
+def load_prompts(
+    tokenizer: ChatTokenizer, cfg: RLHFConfig, max_seq_len: int
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """Every preference row's chat prompt (token ids), and the rows PPO samples from and holds out."""
+    if max_seq_len - cfg.max_new_tokens < 8:
         raise StageError(
             f"rlhf.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {max_seq_len}"
         )
-    prompts = []
-    for row in chat_data.read_rows("preference"):
-        ids, _ = tokenizer.render_chat(
-            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True
-        )
-        if len(ids) <= room:
-            prompts.append(ids)
-    return prompts
+    prompts = [
+        tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
+        for row in chat_data.read_rows("preference")
+    ]
+    train_rows, val_rows = chat_data.rlhf_split(cfg, [len(p) for p in prompts], max_seq_len)
+    return prompts, train_rows, val_rows
 
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.rlhf
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    reference_name = str(getattr(cfg, "reference", "sft"))
+    reference_name = cfg.reference
     sft, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
     reference, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
     check_same_architecture(sft, reference, (reference_name, reference_name))
@@ -308,9 +251,8 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     reward_model.requires_grad_(False)
     torch.manual_seed(cfg.train.seed)
     model = PolicyWithValue(sft)
-    objective = ProximalPolicy(
-        load_prompts(tokenizer, cfg, sft.config.max_seq_len), reference, reward_model, cfg, tokenizer
-    )
+    prompts, train_rows, val_rows = load_prompts(tokenizer, cfg, sft.config.max_seq_len)
+    objective = ProximalPolicy(prompts, train_rows, val_rows, reference, reward_model, cfg, tokenizer)
     # The starting policy's held-out reward, measured as every later evaluation is: the baseline that
     # val/reward_mean is compared with (metrics: val/reward_mean_initial).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

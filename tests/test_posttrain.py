@@ -462,7 +462,7 @@ def test_stages_resume_after_kill_to_the_same_weights(chain, tmp_path):
 
 # ------------------------------------------------------------------------------- objectives, units
 def test_adaptive_kl_controller_tracks_the_target():
-    from tasks.rlhf import KLController
+    from tasks.train.rollouts import KLController
 
     fixed = KLController(0.1, adaptive=False, target=1.0, horizon=100)
     assert fixed.update(50.0, 10) == 0.1

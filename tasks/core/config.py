@@ -144,6 +144,7 @@ class DPOConfig:
 @dataclass
 class RLHFConfig:
     max_new_tokens: int = 32
+    val_fraction: float = 0.1  # of the prompts that fit: held out for val/reward_mean and evaluate
     rollout_batch_size: int = 8
     ppo_epochs: int = 2
     clip_range: float = 0.2

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks.core import paths
+from tasks.core.config import RLHFConfig
 from tasks.core.stage import StageError
 from tasks.data.chat_tokenizer import ChatTokenizer
 
@@ -60,6 +61,19 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarra
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, int(round(n * val_fraction)))) if n >= 2 else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def rlhf_split(
+    cfg: RLHFConfig, prompt_lengths: Sequence[int], max_seq_len: int
+) -> tuple[list[int], list[int]]:
+    """The preference rows the rlhf stage samples rollouts from and those it holds out, given each row's
+    chat prompt length: the prompts that leave rlhf.max_new_tokens for a response in max_seq_len, split
+    by rlhf.val_fraction and rlhf.train.seed. The stage and evaluate (which must not score a policy on
+    prompts it trained on) both call this, so the split has one definition."""
+    room = max_seq_len - cfg.max_new_tokens
+    fitting = [i for i, length in enumerate(prompt_lengths) if length <= room]
+    train, val = split(len(fitting), cfg.val_fraction, cfg.train.seed)
+    return [fitting[j] for j in train], [fitting[j] for j in val]
 
 
 def read_rows(dataset: str) -> list[dict]:

@@ -48,6 +48,7 @@ def built(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         PYTHONUNBUFFERED="1",
     )
     env.pop("PREFECT_API_URL", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's shell writes byte-code caches: that is the point
     run(["dvc", "repro"], project, env, timeout=1200)
     return project, env
 

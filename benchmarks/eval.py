@@ -27,7 +27,7 @@ from models.config import ModelConfig  # noqa: E402
 from models.hf import export_hf  # noqa: E402
 from models.llama import Transformer  # noqa: E402
 from tasks.data.chat_tokenizer import ChatTokenizer  # noqa: E402
-from tasks.eval import mmlu  # noqa: E402
+from tasks.eval import mmlu, mmlu_data  # noqa: E402
 
 MMLU_DIR = Path(__file__).resolve().parents[1] / "data" / "mmlu"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -90,8 +90,8 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    subjects = mmlu.list_subjects(str(MMLU_DIR), "val")[: args.subjects]
-    data = mmlu.load_mmlu(str(MMLU_DIR), "val", subjects, args.k_shot, args.items)
+    subjects = mmlu_data.list_subjects(str(MMLU_DIR), "val")[: args.subjects]
+    data = mmlu_data.load_mmlu(str(MMLU_DIR), "val", subjects, args.k_shot, args.items)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer(Path(tmp) / "tokenizer.json", args.vocab)
         config = ModelConfig(

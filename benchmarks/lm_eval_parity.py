@@ -41,7 +41,7 @@ from models.config import ModelConfig  # noqa: E402
 from models.hf import export_hf  # noqa: E402
 from models.llama import Transformer  # noqa: E402
 from tasks.data.chat_tokenizer import ChatTokenizer  # noqa: E402
-from tasks.eval import mmlu  # noqa: E402
+from tasks.eval import mmlu, mmlu_data  # noqa: E402
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -178,7 +178,7 @@ def main() -> None:
             for sample in out["samples"][name]:
                 harness[(subject, sample["doc_id"])] = [float(r[0]) for r in sample["filtered_resps"]]
 
-        data = mmlu.load_mmlu(str(args.mmlu_dir), args.split, subjects, args.k_shot, args.items)
+        data = mmlu_data.load_mmlu(str(args.mmlu_dir), args.split, subjects, args.k_shot, args.items)
         start = time.time()
         ours = mmlu.score_items(model, tok, data.items, args.k_shot, args.batch_size, shots=data.shots)
         ours_s = time.time() - start

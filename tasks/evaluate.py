@@ -12,21 +12,17 @@ the preference prompts in data/validated/preference.parquet. Writes:
     data/eval/comparison.png bar charts of the same
 
 A model's summary entries are exactly its result["metrics"], so a new metric is added by putting it in
-that dict: the summary, table, chart and MLflow pick it up.
+that dict: the summary, table, chart and MLflow pick it up (tasks/eval/report.py).
 Evaluation runs in float32 (no autocast) so scores match the Hugging Face export to 1e-4.
 
-Win rate (`winrate_vs_sft`, for the policies sft, dpo, rlhf): on preference prompts that no preference
-stage trained on (the intersection of the held-out splits of reward, dpo and rlhf, see heldout_rows),
-each policy and the SFT reference answer greedily (stop at <|end|>/<|eos|>, evaluate.max_new_tokens);
-the reward model scores prompt + response at its last token; a policy wins a prompt when its reward is
-higher, a tie (same response, or equal reward) counts 0.5. The SFT model against itself is exactly 0.5.
+Win rate (`winrate_vs_sft`, for the policies sft, dpo, rlhf; tasks/eval/winrate.py): on preference prompts
+that no preference stage trained on (the intersection of the held-out splits of reward, dpo and rlhf, see
+heldout_rows), each policy against the SFT reference, greedy responses scored by the reward model.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,28 +36,21 @@ from tasks.core.io import sha256_file, write_json
 from tasks.core.stage import StageError, stage_main
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.eval import mmlu, perplexity
+from tasks.eval import mmlu, mmlu_data, perplexity, winrate
+from tasks.eval.report import comparison_markdown, comparison_png, register_scores, summarize
 
 log = logging.getLogger(__name__)
 
 LM_MODELS = ("base", "sft", "dpo", "rlhf")  # in pipeline order; "reward" is deliberately absent
 MMLU_BATCH = 16
 PPL_BATCH = 8
-WINRATE_BATCH = 8
 POLICIES = ("sft", "dpo", "rlhf")  # the models that get a win rate against the SFT reference
-RLHF_VAL_FRACTION = 0.1  # tasks/rlhf.py ProximalPolicy holds out this fraction of its prompts
-# Until EvaluateConfig has the field: "truncate" (the harness) or "reduce" (fewer shots, see tasks/eval/mmlu.py).
-FEWSHOT_POLICY_DEFAULT = "truncate"
-# Metrics where lower is better (the table marks the best model per column).
-LOWER_IS_BETTER = {"ppl", "bpb", "word_ppl"}
 
 
 def fewshot_policy(cfg: EvaluateConfig) -> str:
-    from tasks.core.stage import StageError
-
-    policy = str(getattr(cfg, "fewshot_policy", FEWSHOT_POLICY_DEFAULT))
+    """evaluate.fewshot_policy, checked: "truncate" (the harness) or "reduce" (see tasks/eval/mmlu.py)."""
     try:
-        return mmlu.check_fewshot_policy(policy)
+        return mmlu.check_fewshot_policy(cfg.fewshot_policy)
     except ValueError as exc:
         raise StageError(f"evaluate.fewshot_policy: {exc}") from exc
 
@@ -103,12 +92,12 @@ def evaluate_model(
     name: str,
     model: torch.nn.Module,
     tokenizer: ChatTokenizer,
-    data: mmlu.MMLUData,
+    data: mmlu_data.MMLUData,
     cfg: EvaluateConfig,
     val_shard: Path,
     device: str = "cpu",
     shard_dtype: str | None = None,
-    winrate: WinRate | None = None,
+    harness: winrate.WinRate | None = None,
 ) -> dict[str, Any]:
     start = time.time()
     model = model.to(device)
@@ -132,7 +121,6 @@ def evaluate_model(
         cfg.ppl_window,
         cfg.ppl_stride,
         cfg.ppl_max_tokens,
-        dtype=shard_dtype,
         batch_size=PPL_BATCH,
         device=device,
     )
@@ -143,7 +131,7 @@ def evaluate_model(
         "bpb": ppl["bpb"],
         "word_ppl": ppl["word_ppl"],
     }
-    won = winrate.evaluate(name, model) if winrate is not None and name in POLICIES else None
+    won = harness.evaluate(name, model) if harness is not None and name in POLICIES else None
     if won is not None:
         metrics["winrate_vs_sft"] = won["winrate"]
     log.info(
@@ -211,8 +199,8 @@ def evaluate_model(
         "perplexity": ppl,
         "tokenizer_fingerprint": tokenizer.fingerprint,
     }
-    if won is not None and winrate is not None:
-        result["protocol"]["winrate"] = winrate.protocol
+    if won is not None and harness is not None:
+        result["protocol"]["winrate"] = harness.protocol
         result["winrate"] = won
     return result
 
@@ -220,17 +208,13 @@ def evaluate_model(
 # ------------------------------------------------------------------------------------------- win rate
 def heldout_rows(params: Params, prompt_lengths: Sequence[int], max_seq_len: int) -> tuple[list[int], str]:
     """Preference rows that none of reward, dpo and rlhf trained on: the intersection of their held-out
-    splits (the same chat_data.split calls those stages make; rlhf splits only the prompts that fit its
-    context, so its indices are mapped back to rows). Falls back to the reward stage's held-out split,
-    with a note, if the intersection is empty (different seeds or fractions per stage)."""
+    splits (reward and dpo split every row, as chat_data.split(n, val_fraction, seed); rlhf's split is
+    chat_data.rlhf_split, which the rlhf stage itself calls). Falls back to the reward stage's held-out
+    split, with a note, if the intersection is empty (different seeds or fractions per stage)."""
     n = len(prompt_lengths)
     reward_val = set(chat_data.split(n, params.reward.val_fraction, params.reward.train.seed)[1].tolist())
     dpo_val = set(chat_data.split(n, params.dpo.val_fraction, params.dpo.train.seed)[1].tolist())
-    room = max_seq_len - params.rlhf.max_new_tokens
-    fitting = [i for i, length in enumerate(prompt_lengths) if length <= room]
-    rlhf_val = {
-        fitting[j] for j in chat_data.split(len(fitting), RLHF_VAL_FRACTION, params.rlhf.train.seed)[1]
-    }
+    rlhf_val = set(chat_data.rlhf_split(params.rlhf, prompt_lengths, max_seq_len)[1])
     both = sorted(reward_val & dpo_val & rlhf_val)
     if both:
         return both, "intersection of the reward, dpo and rlhf held-out splits"
@@ -238,141 +222,9 @@ def heldout_rows(params: Params, prompt_lengths: Sequence[int], max_seq_len: int
     return sorted(reward_val), "reward stage held-out split (dpo/rlhf held-out splits do not intersect it)"
 
 
-def greedy_responses(
-    model: Any,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int,
-    stop: Sequence[int],
-    pad_id: int,
-    batch_size: int = WINRATE_BATCH,
-) -> list[list[int]]:
-    """The greedy response to every prompt, up to and including its first stop token. Only prompts of equal
-    length are generated together, so no row carries padding and each sees exactly its own tokens."""
-    from models.generate import generate
-
-    device = next(model.parameters()).device
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    out: list[list[int]] = [[] for _ in prompts]
-    for length, idx in sorted(by_length.items()):
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            tokens = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            gen = generate(
-                model, tokens, max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=stop, pad_id=pad_id
-            )[:, length:].tolist()
-            for i, row in zip(chunk, gen, strict=True):
-                response = []
-                for t in row:
-                    response.append(t)
-                    if t in stop:
-                        break
-                out[i] = response
-    return out
-
-
-@torch.no_grad()
-def reward_scores(
-    reward_model: Any,
-    prompts: Sequence[list[int]],
-    responses: Sequence[list[int]],
-    pad_id: int,
-    batch_size: int = WINRATE_BATCH,
-) -> list[float]:
-    """Reward of prompt + response, read at its last token (right padding; attention is causal)."""
-    from models.heads import last_token_values
-
-    device = next(reward_model.parameters()).device
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-    out: list[float] = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        tokens = chat_data.pad(chunk, pad_id).to(device)
-        lengths = torch.tensor([len(s) for s in chunk], device=device)
-        out += last_token_values(reward_model(tokens).float(), lengths).cpu().tolist()
-    return out
-
-
-def win_rate(
-    policy_responses: Sequence[list[int]],
-    policy_rewards: Sequence[float],
-    reference_responses: Sequence[list[int]],
-    reference_rewards: Sequence[float],
-) -> dict[str, Any]:
-    """1 per prompt where the policy's reward is higher, 0 where lower, 0.5 on a tie; an identical response
-    is a tie by definition (whatever rounding a different batch might give its reward)."""
-    wins = []
-    for pr, p, rr, r in zip(
-        policy_responses, policy_rewards, reference_responses, reference_rewards, strict=True
-    ):
-        wins.append(0.5 if pr == rr or p == r else float(p > r))
-    n = len(wins)
-    return {
-        "winrate": sum(wins) / n if n else float("nan"),
-        "n_prompts": n,
-        "n_identical": sum(a == b for a, b in zip(policy_responses, reference_responses, strict=True)),
-        "reward_mean": sum(policy_rewards) / n if n else float("nan"),
-        "reference_reward_mean": sum(reference_rewards) / n if n else float("nan"),
-        "wins": wins,
-    }
-
-
-class WinRate:
-    """Held-out prompts, the reward model and the SFT reference's responses and rewards, computed once."""
-
-    def __init__(
-        self,
-        prompts: list[list[int]],
-        rows: list[int],
-        reward_model: Any,
-        reference: Any,
-        tokenizer: ChatTokenizer,
-        max_new_tokens: int,
-        protocol: dict[str, Any],
-    ) -> None:
-        self.prompts, self.rows, self.reward_model, self.tokenizer = prompts, rows, reward_model, tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.stop = [tokenizer.end_id, tokenizer.eos_id]
-        self.reference_responses = greedy_responses(
-            reference, prompts, max_new_tokens, self.stop, tokenizer.pad_id
-        )
-        self.reference_rewards = reward_scores(
-            reward_model, prompts, self.reference_responses, tokenizer.pad_id
-        )
-        self.protocol = protocol
-
-    def evaluate(self, name: str, policy: Any) -> dict[str, Any]:
-        start = time.time()
-        responses = greedy_responses(
-            policy, self.prompts, self.max_new_tokens, self.stop, self.tokenizer.pad_id
-        )
-        rewards = reward_scores(self.reward_model, self.prompts, responses, self.tokenizer.pad_id)
-        res = win_rate(responses, rewards, self.reference_responses, self.reference_rewards)
-        log.info(
-            "%s: win rate vs sft %.3f on %d held-out prompts (%d identical responses, %.1fs)",
-            name,
-            res["winrate"],
-            res["n_prompts"],
-            res["n_identical"],
-            time.time() - start,
-        )
-        res["per_prompt"] = [
-            {
-                "row": row,
-                "reward": r,
-                "reference_reward": rr,
-                "win": w,
-                "response": self.tokenizer.decode(resp),
-            }
-            for row, r, rr, w, resp in zip(
-                self.rows, rewards, self.reference_rewards, res.pop("wins"), responses, strict=True
-            )
-        ]
-        return res
-
-
-def setup_winrate(params: Params, tokenizer: ChatTokenizer, names: list[str], device: str) -> WinRate | None:
+def setup_winrate(
+    params: Params, tokenizer: ChatTokenizer, names: list[str], device: str
+) -> winrate.WinRate | None:
     """The win-rate harness, or None (with the reason logged) when a piece is missing."""
     cfg = params.evaluate
     reward_dir, sft_dir, pref = (
@@ -411,24 +263,19 @@ def setup_winrate(params: Params, tokenizer: ChatTokenizer, names: list[str], de
     if not rows:
         log.warning("no reward-model win rate: no held-out prompt fits %d tokens", room)
         return None
-    protocol = {
-        "reference": "sft",
-        "prompts": f"data/validated/preference.parquet rows held out from training ({how}), first "
-        f"{cfg.winrate_prompts} whose chat prompt fits max_seq_len - max_new_tokens = {room} tokens",
-        "rows": rows,
-        "n_held_out": len(fit),
-        "prompt_format": "render_chat([user: prompt], add_generation_prompt=True)",
-        "decoding": "greedy",
-        "max_new_tokens": cfg.max_new_tokens,
-        "stop_tokens": [tokenizer.specials.end, tokenizer.specials.eos],
-        "score": "reward model (scalar head) value at the last token of prompt + response",
-        "win": "policy reward > reference reward: 1; equal reward or identical response: 0.5; else 0",
-        "reward_checkpoint_sha256": sha256_file(reward_dir / "model.safetensors"),
-        "reference_checkpoint_sha256": sha256_file(sft_dir / "model.safetensors"),
-        "preference_sha256": sha256_file(pref),
-    }
+    protocol = winrate.protocol(
+        rows,
+        how,
+        len(fit),
+        cfg.winrate_prompts,
+        room,
+        cfg.max_new_tokens,
+        tokenizer,
+        {"reward": reward_dir, "reference": sft_dir},
+        pref,
+    )
     start = time.time()
-    harness = WinRate(
+    harness = winrate.WinRate(
         [rendered[i] for i in rows],
         rows,
         reward_model.float().eval().to(device),
@@ -443,80 +290,6 @@ def setup_winrate(params: Params, tokenizer: ChatTokenizer, names: list[str], de
         time.time() - start,
     )
     return harness
-
-
-def register_scores(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics under the names the register stage gates on ("mmlu/acc", "ppl/val", ...)."""
-    out = {}
-    for key, value in metrics.items():
-        if key.startswith("mmlu_acc"):
-            out["mmlu/acc" + key[len("mmlu_acc") :]] = value
-        elif key in LOWER_IS_BETTER:
-            out[f"{key}/val"] = value
-        else:
-            out[key] = value
-    return out
-
-
-def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    return {f"{name}/{key}": value for name, res in results.items() for key, value in res["metrics"].items()}
-
-
-def comparison_markdown(results: dict[str, dict[str, Any]], header: str = "") -> str:
-    keys = list(dict.fromkeys(k for res in results.values() for k in res["metrics"]))
-    best = {}
-    for k in keys:
-        vals = {
-            n: r["metrics"][k] for n, r in results.items() if isinstance(r["metrics"].get(k), float | int)
-        }
-        vals = {n: v for n, v in vals.items() if not math.isnan(v)}
-        if len(vals) > 1:
-            best[k] = (min if k in LOWER_IS_BETTER else max)(vals, key=lambda n: vals[n])
-    lines = [header] if header else []
-    lines += ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    for name, res in results.items():
-        cells = []
-        for k in keys:
-            v = res["metrics"].get(k)
-            text = "-" if v is None else f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
-            cells.append(f"**{text}**" if best.get(k) == name else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def comparison_png(results: dict[str, dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on CI / in DVC runs
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    panels: list[tuple[str, str, float | None]] = [
-        ("mmlu_acc", "MMLU accuracy", 0.25),
-        ("bpb", "bits per byte (val)", None),
-    ]
-    if any("winrate_vs_sft" in r["metrics"] for r in results.values()):
-        panels.append(("winrate_vs_sft", "reward-model win rate vs sft", 0.5))
-    extra = [
-        k
-        for k in dict.fromkeys(k for r in results.values() for k in r["metrics"])
-        if not k.startswith(("mmlu_acc", "ppl", "bpb", "word_ppl", "winrate_vs_sft"))
-    ]
-    panels += [(k, k, None) for k in extra]  # any further metric gets its own panel
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for ax, (key, title, chance) in zip(axes[0], panels, strict=True):
-        values = [results[n]["metrics"].get(key, float("nan")) for n in names]
-        bars = ax.bar(names, values, color="#4C72B0")
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        if chance is not None:
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance})")
-            ax.legend(fontsize=8)
-        ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
@@ -549,7 +322,9 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
 
     val_shard = paths.TOKENS / "val.bin"
     shard_dtype = check_tokens(tokenizer)["dtype"]  # also: the shards were made by this tokenizer
-    data = mmlu.load_mmlu(cfg.mmlu_dir, cfg.mmlu_split, cfg.subjects, cfg.k_shot, cfg.max_items_per_subject)
+    data = mmlu_data.load_mmlu(
+        cfg.mmlu_dir, cfg.mmlu_split, cfg.subjects, cfg.k_shot, cfg.max_items_per_subject
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info(
         "MMLU: %d items, %d subjects, %d-shot, split %s",
@@ -559,12 +334,12 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         data.split,
     )
 
-    winrate = setup_winrate(params, tokenizer, names, device)
+    harness = setup_winrate(params, tokenizer, names, device)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         path = paths.checkpoint(name)
         model, meta = load_lm(path, tokenizer)
-        res = evaluate_model(name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, winrate)
+        res = evaluate_model(name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, harness)
         res["checkpoint"] = {
             "path": str(path),
             "sha256": sha256_file(path / "model.safetensors"),
@@ -583,8 +358,8 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         f"few-shot policy {fewshot_policy(cfg)}); "
         f"perplexity on {val_shard} (window {cfg.ppl_window}, stride {cfg.ppl_stride})"
         + (
-            f"; win rate vs sft on {len(winrate.rows)} held-out prompts (greedy, {cfg.max_new_tokens} new tokens)"
-            if winrate is not None
+            f"; win rate vs sft on {len(harness.rows)} held-out prompts (greedy, {cfg.max_new_tokens} new tokens)"
+            if harness is not None
             else ""
         )
         + ".\n"

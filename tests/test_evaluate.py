@@ -20,7 +20,7 @@ from models.heads import ScalarHeadModel
 from models.llama import Transformer
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.eval import mmlu, perplexity
+from tasks.eval import mmlu_data, perplexity
 from tests.evalhelpers import MMLU_DIR, SUBJECTS, needs_mmlu, tiny_model
 
 
@@ -221,8 +221,8 @@ def test_bad_fingerprint_policy_and_empty_split_dir_are_clear_errors(bpe, tmp_pa
     with pytest.raises(StageError, match=r"data/checkpoints/dpo was trained with tokenizer ffffffffffff"):
         evaluate.run(Params(), None)
     (tmp_path / "mmlu/val").mkdir(parents=True)
-    with pytest.raises(mmlu.MMLUDataError, match=r"mmlu/val: no \{subject\}_val\.csv files"):
-        mmlu.load_mmlu(str(tmp_path / "mmlu"), "val")
+    with pytest.raises(mmlu_data.MMLUDataError, match=r"mmlu/val: no \{subject\}_val\.csv files"):
+        mmlu_data.load_mmlu(str(tmp_path / "mmlu"), "val")
 
 
 # ------------------------------------------------------------------------------------------- win rate
@@ -268,7 +268,8 @@ def untied_model(seed: int, max_len: int = 96) -> Transformer:
 
 
 def test_win_rate_matches_direct_greedy_and_reward_loop(bpe):
-    from tasks import evaluate
+    from tasks.eval.winrate import WinRate
+    from tasks.train.rollouts import greedy_responses
 
     prompts = chat_prompts(bpe, 6)  # prompts of several lengths: batched generation by length is exercised
     policy, reference = untied_model(21), untied_model(22)
@@ -277,7 +278,7 @@ def test_win_rate_matches_direct_greedy_and_reward_loop(bpe):
         reward.value_head.weight.mul_(50)
     free = [naive_greedy(policy, p, 10) for p in prompts]
     stop = [free[2][-1], free[4][6]]  # tokens the policy really emits: rows must stop at them
-    got = evaluate.greedy_responses(policy, prompts, 10, stop, bpe.pad_id, batch_size=4)
+    got = greedy_responses(policy, prompts, 10, stop, bpe.pad_id, batch_size=4)
     assert got == [up_to_stop(f, stop) for f in free] and len(got[4]) <= 7 and got[4][-1] in stop
     assert any(len(g) == 10 and g[-1] not in stop for g in got)  # and rows that never stop run to the limit
 
@@ -294,7 +295,7 @@ def test_win_rate_matches_direct_greedy_and_reward_loop(bpe):
         ra, rb = alone(p + a), alone(p + b)
         assert abs(ra - rb) > 1e-4  # no near-ties: the decision below is not a rounding accident
         wins.append(float(ra > rb))
-    harness = evaluate.WinRate(prompts, list(range(6)), reward, reference, bpe, 8, {})
+    harness = WinRate(prompts, list(range(6)), reward, reference, bpe, 8, {})
     res = harness.evaluate("policy", policy)
     assert [r["win"] for r in res["per_prompt"]] == wins and res["winrate"] == sum(wins) / 6
     assert 0 < res["winrate"] < 1  # both outcomes occur
@@ -305,7 +306,7 @@ def test_win_rate_matches_direct_greedy_and_reward_loop(bpe):
     # The reference against itself (another copy of its weights) ties everywhere; swapping sides mirrors.
     twin = untied_model(22)
     assert harness.evaluate("sft", twin)["winrate"] == 0.5
-    swapped = evaluate.WinRate(prompts, list(range(6)), reward, policy, bpe, 8, {}).evaluate("ref", reference)
+    swapped = WinRate(prompts, list(range(6)), reward, policy, bpe, 8, {}).evaluate("ref", reference)
     assert [r["win"] for r in swapped["per_prompt"]] == [1 - w for w in wins]
 
 
@@ -319,14 +320,14 @@ def test_heldout_rows_exclude_every_training_split():
     assert rows and how.startswith("intersection")
     for val_fraction, seed in (
         (params.reward.val_fraction, params.reward.train.seed),
-        (0.1, params.rlhf.train.seed),
+        (params.rlhf.val_fraction, params.rlhf.train.seed),
     ):
         train, _ = chat_data.split(200, val_fraction, seed)
         assert not set(rows) & set(train.tolist())
     lengths = [10] * 150 + [200] * 50  # rlhf splits only the 150 prompts that fit: its indices map to rows
     rows, how = evaluate.heldout_rows(params, lengths, 128)
     assert rows and how.startswith("intersection")
-    rlhf_train = chat_data.split(150, 0.1, params.rlhf.train.seed)[0]
+    rlhf_train = chat_data.split(150, params.rlhf.val_fraction, params.rlhf.train.seed)[0]
     assert max(rows) < 150 and not set(rows) & set(rlhf_train.tolist())
     assert not set(rows) & set(
         chat_data.split(200, params.dpo.val_fraction, params.dpo.train.seed)[0].tolist()
@@ -336,5 +337,5 @@ def test_heldout_rows_exclude_every_training_split():
     other.rlhf.train.seed = 8
     rows, how = evaluate.heldout_rows(other, [10] * 20, 128)  # 2 of 20 held out each: disjoint here
     assert how.startswith("reward stage") and rows == sorted(
-        chat_data.split(20, 0.1, other.reward.train.seed)[1]
+        chat_data.split(20, other.reward.val_fraction, other.reward.train.seed)[1]
     )

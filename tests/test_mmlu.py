@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.eval import mmlu
+from tasks.eval import mmlu, mmlu_data
 from tests.evalhelpers import MMLU_DIR, SUBJECTS, hf_twin, needs_mmlu, tiny_model, train_tokenizer
 
 
-def reference_prompt(item: mmlu.MMLUItem, shots: list[mmlu.MMLUItem]) -> str:
+def reference_prompt(item: mmlu_data.MMLUItem, shots: list[mmlu_data.MMLUItem]) -> str:
     """The harness prompt, written out independently of tasks.mmlu."""
 
     def block(it):
@@ -63,7 +63,7 @@ def check_parity(model, hf, tok, data, max_len, monkeypatch) -> dict:
 # ------------------------------------------------------------------------------------------- parity
 @needs_mmlu
 def test_parity_single_token_choices_with_shared_prefix(bpe, tmp_path, monkeypatch):
-    data = mmlu.load_mmlu(str(MMLU_DIR), "val", SUBJECTS, k_shot=5, max_items_per_subject=10)
+    data = mmlu_data.load_mmlu(str(MMLU_DIR), "val", SUBJECTS, k_shot=5, max_items_per_subject=10)
     assert all(len(bpe.encode(c)) == 1 for c in mmlu.PROTOCOL["choices"])  # the one-forward path
     it = data.items[0]
     assert mmlu.harness_prompt(it, data.shots[it.subject])[0] == reference_prompt(it, data.shots[it.subject])
@@ -78,7 +78,7 @@ def test_parity_single_token_choices_with_shared_prefix(bpe, tmp_path, monkeypat
 def test_parity_multi_token_choices_with_truncation(tmp_path, monkeypatch):
     tok = train_tokenizer(tmp_path / "bytes.json", 263)  # bytes only: " A" is two tokens
     assert len(tok.encode(" A")) == 2
-    data = mmlu.load_mmlu(str(MMLU_DIR), "val", SUBJECTS[:2], k_shot=1, max_items_per_subject=6)
+    data = mmlu_data.load_mmlu(str(MMLU_DIR), "val", SUBJECTS[:2], k_shot=1, max_items_per_subject=6)
     model = tiny_model(320, 400, seed=1)
     res = check_parity(model, hf_twin(model, tok, tmp_path / "hf"), tok, data, 400, monkeypatch)
     assert 0 < res["n_truncated"] < res["n_items"]  # both the cached and the truncated route ran
@@ -113,7 +113,7 @@ def shuffled(items, seed):
 
 @needs_mmlu
 def test_always_a_scores_share_of_a_and_oracle_ignores_letter_order(bpe):
-    data = mmlu.load_mmlu(str(MMLU_DIR), "val", SUBJECTS, k_shot=2, max_items_per_subject=10)
+    data = mmlu_data.load_mmlu(str(MMLU_DIR), "val", SUBJECTS, k_shot=2, max_items_per_subject=10)
     always_a = LetterModel(bpe, lambda text: "A")
     for items in (data.items, shuffled(data.items, 0)):
         share = sum(it.answer == 0 for it in items) / len(items)
@@ -139,11 +139,11 @@ def test_always_a_scores_share_of_a_and_oracle_ignores_letter_order(bpe):
 
 
 def test_categories_cover_the_57_subjects_in_harness_groups():
-    assert len(mmlu.CATEGORIES) == 57
-    counts = {c: list(mmlu.CATEGORIES.values()).count(c) for c in set(mmlu.CATEGORIES.values())}
+    assert len(mmlu_data.CATEGORIES) == 57
+    counts = {c: list(mmlu_data.CATEGORIES.values()).count(c) for c in set(mmlu_data.CATEGORIES.values())}
     assert counts == {"stem": 19, "humanities": 13, "social_sciences": 12, "other": 13}
     if (MMLU_DIR / "val").is_dir():
-        assert mmlu.list_subjects(str(MMLU_DIR), "val") == list(mmlu.SUBJECTS)
+        assert mmlu_data.list_subjects(str(MMLU_DIR), "val") == list(mmlu_data.SUBJECTS)
 
 
 def test_protocol_is_recorded_with_k_split_and_bos():
@@ -151,6 +151,31 @@ def test_protocol_is_recorded_with_k_split_and_bos():
     assert (p["k_shot"], p["split"], p["prepend_bos"]) == (5, "test", False)
     assert mmlu.PROTOCOL["prepend_bos"] is True and p["choices"] == [" A", " B", " C", " D"]
     json.dumps(p)
+
+
+def test_prompt_is_rendered_from_the_protocol_data():
+    shot = mmlu_data.MMLUItem("high_school_physics", "Unit of force?", ("J", "N", "W", "Pa"), 1)
+    item = mmlu_data.MMLUItem("high_school_physics", " Unit of power? ", ("J", "N", "W", "Pa"), 2)
+    custom = {
+        **mmlu.PROTOCOL,
+        "description": "Quiz: {subject}\n",
+        "subject_format": {"replace": "_", "by": "-"},
+        "example": "Q: {question}{options}\n=>",
+        "option": " ({label}) {choice}",
+        "labels": ["1", "2", "3", "4"],
+        "question_strip": False,
+        "target_delimiter": "  ",
+        "fewshot_delimiter": "\n--\n",
+    }
+    context, conts = mmlu.harness_prompt(item, [shot], custom)
+    assert context == (
+        "Quiz: high-school-physics\n"
+        "Q: Unit of force? (1) J (2) N (3) W (4) Pa\n=>  2\n--\n"
+        "Q:  Unit of power?  (1) J (2) N (3) W (4) Pa\n=>"
+    )
+    assert conts == ["  1", "  2", "  3", "  4"]
+    default, _ = mmlu.harness_prompt(item, [shot])
+    assert default == reference_prompt(item, [shot])
 
 
 # ------------------------------------------------------------------------------------------- loaders
@@ -176,8 +201,8 @@ def test_hf_loader_matches_csv_via_local_parquet(tmp_path):
                 "answer": ["ABCD".index(r[5]) for r in ROWS],
             }
         ).to_parquet(str(tmp_path / "pq" / f"toy_{split}.parquet"))
-    from_csv = mmlu.load_mmlu(str(tmp_path / "csv"), "val", ["toy"], k_shot=1)
-    from_hf = mmlu.load_mmlu(
+    from_csv = mmlu_data.load_mmlu(str(tmp_path / "csv"), "val", ["toy"], k_shot=1)
+    from_hf = mmlu_data.load_mmlu(
         "hf:cais/mmlu",
         "val",
         ["toy"],
@@ -192,8 +217,8 @@ def test_hf_loader_matches_csv_via_local_parquet(tmp_path):
     datasets.Dataset.from_dict(
         {"question": ["q"], "choices": [["a", "b", "c", "d"]], "answer": [7]}
     ).to_parquet(str(tmp_path / "pq" / "bad_val.parquet"))
-    with pytest.raises(mmlu.MMLUDataError, match=r"bad_val\.parquet row 0: answer 7"):
-        mmlu.load_split(
+    with pytest.raises(mmlu_data.MMLUDataError, match=r"bad_val\.parquet row 0: answer 7"):
+        mmlu_data.load_split(
             "hf:x",
             "bad",
             "val",
@@ -205,19 +230,19 @@ def test_hf_loader_matches_csv_via_local_parquet(tmp_path):
 def test_bad_csv_rows_name_file_and_line(tmp_path):
     path = tmp_path / "val" / "toy_val.csv"
     write_csv(path, [["multi\nline question", "a", "b", "c", "d", "A"], ["short", "a", "b", "c", "D"]])
-    with pytest.raises(mmlu.MMLUDataError, match=rf"{path}:3: expected 6 columns .* got 5"):
-        mmlu.load_split(str(tmp_path), "toy", "val")
+    with pytest.raises(mmlu_data.MMLUDataError, match=rf"{path}:3: expected 6 columns .* got 5"):
+        mmlu_data.load_split(str(tmp_path), "toy", "val")
     write_csv(path, ROWS + [["q", "a", "b", "c", "d", "E"]])
-    with pytest.raises(mmlu.MMLUDataError, match=rf"{path}:3: answer 'E' is not one of A, B, C, D"):
-        mmlu.load_split(str(tmp_path), "toy", "val")
-    with pytest.raises(mmlu.MMLUDataError, match=r"subject 'nope' not found: no .*nope_val\.csv.*toy"):
-        mmlu.load_split(str(tmp_path), "nope", "val")
+    with pytest.raises(mmlu_data.MMLUDataError, match=rf"{path}:3: answer 'E' is not one of A, B, C, D"):
+        mmlu_data.load_split(str(tmp_path), "toy", "val")
+    with pytest.raises(mmlu_data.MMLUDataError, match=r"subject 'nope' not found: no .*nope_val\.csv.*toy"):
+        mmlu_data.load_split(str(tmp_path), "nope", "val")
     path.write_text("")
-    with pytest.raises(mmlu.MMLUDataError, match=rf"{path}: empty split"):
-        mmlu.load_split(str(tmp_path), "toy", "val")
+    with pytest.raises(mmlu_data.MMLUDataError, match=rf"{path}: empty split"):
+        mmlu_data.load_split(str(tmp_path), "toy", "val")
     write_csv(path, ROWS)
-    with pytest.raises(mmlu.MMLUDataError, match=r"dev"):  # k-shot needs the dev file too
-        mmlu.load_mmlu(str(tmp_path), "val", ["toy"], k_shot=1)
+    with pytest.raises(mmlu_data.MMLUDataError, match=r"dev"):  # k-shot needs the dev file too
+        mmlu_data.load_mmlu(str(tmp_path), "val", ["toy"], k_shot=1)
 
 
 # ------------------------------------------------------------------------------------------- few-shot policy
@@ -226,7 +251,7 @@ def test_reduce_policy_uses_the_most_shots_that_fit_and_records_them(bpe):
     """Under "reduce" every item gets the largest k' <= k whose prompt fits (checked here by encoding the
     independent reference prompt), scores equal a direct forward of that prompt, and nothing is truncated
     while a 0-shot prompt fits; under "truncate" the same items are cut from the left, recorded per item."""
-    data = mmlu.load_mmlu(
+    data = mmlu_data.load_mmlu(
         str(MMLU_DIR), "val", ["astronomy", "world_religions"], k_shot=5, max_items_per_subject=6
     )
     max_len = 400

@@ -1,6 +1,8 @@
-"""MMLU under the lm-evaluation-harness protocol: data loading, prompts and batched log-likelihood scoring.
+"""MMLU under the lm-evaluation-harness protocol: prompts and batched log-likelihood scoring (the data:
+tasks/eval/mmlu_data.py).
 
-The protocol is data (PROTOCOL) and is written next to every score, so a number can always be traced to
+The protocol is data (PROTOCOL): the prompt is rendered from it (header, example and option templates,
+choice labels, delimiters), and it is written next to every score, so a number can always be traced to
 the exact prompt, few-shot selection, tokenization and truncation that produced it.
 
 Speed without changing a single log-likelihood (tests/test_mmlu.py checks parity against a direct
@@ -22,28 +24,26 @@ Checked against lm-eval 0.4.13 itself (benchmarks/lm_eval_parity.py): equal per-
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-LETTERS = ("A", "B", "C", "D")
+from tasks.eval.mmlu_data import CATEGORIES, MMLUDataError, MMLUItem
 
+# A prompt is  description + (example + target_delimiter + label + fewshot_delimiter) per shot + example,
+# where example = the "example" template with {options} = the "option" template once per (label, choice).
 PROTOCOL: dict[str, Any] = {
     "name": "mmlu",
     "reference": "EleutherAI lm-evaluation-harness, mmlu default (hendrycksTest) template",
     "description": "The following are multiple choice questions (with answers) about {subject}.\n\n",
-    "subject_format": "subject name with underscores replaced by spaces",
-    "example": "{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:",
+    "subject_format": {"replace": "_", "by": " "},  # "high_school_physics" -> "high school physics"
+    "example": "{question}{options}\nAnswer:",
+    "option": "\n{label}. {choice}",
+    "labels": ["A", "B", "C", "D"],
     "question_strip": True,  # the harness template uses question.strip()
-    "target_delimiter": " ",
+    "target_delimiter": " ",  # between the example and its answer label (a shot's answer, a continuation)
     "fewshot_delimiter": "\n\n",
-    "choices": [" A", " B", " C", " D"],
     "fewshot_split": "dev",
     "fewshot_sampler": "first_n (the first k dev examples in file order)",
     "score": "sum of log-probabilities of the continuation tokens given the context; prediction = argmax",
@@ -58,264 +58,49 @@ PROTOCOL: dict[str, Any] = {
     "aggregation": "accuracy: micro-average over items; per subject; per category (micro within category)",
 }
 
-# The lm-evaluation-harness grouping (mmlu/_generate_configs.py): 19 stem, 13 humanities,
-# 12 social_sciences, 13 other. Note it files anatomy under stem (the MMLU paper says other).
-_GROUPS: dict[str, tuple[str, ...]] = {
-    "stem": (
-        "abstract_algebra",
-        "anatomy",
-        "astronomy",
-        "college_biology",
-        "college_chemistry",
-        "college_computer_science",
-        "college_mathematics",
-        "college_physics",
-        "computer_security",
-        "conceptual_physics",
-        "electrical_engineering",
-        "elementary_mathematics",
-        "high_school_biology",
-        "high_school_chemistry",
-        "high_school_computer_science",
-        "high_school_mathematics",
-        "high_school_physics",
-        "high_school_statistics",
-        "machine_learning",
-    ),
-    "humanities": (
-        "formal_logic",
-        "high_school_european_history",
-        "high_school_us_history",
-        "high_school_world_history",
-        "international_law",
-        "jurisprudence",
-        "logical_fallacies",
-        "moral_disputes",
-        "moral_scenarios",
-        "philosophy",
-        "prehistory",
-        "professional_law",
-        "world_religions",
-    ),
-    "social_sciences": (
-        "econometrics",
-        "high_school_geography",
-        "high_school_government_and_politics",
-        "high_school_macroeconomics",
-        "high_school_microeconomics",
-        "high_school_psychology",
-        "human_sexuality",
-        "professional_psychology",
-        "public_relations",
-        "security_studies",
-        "sociology",
-        "us_foreign_policy",
-    ),
-    "other": (
-        "business_ethics",
-        "clinical_knowledge",
-        "college_medicine",
-        "global_facts",
-        "human_aging",
-        "management",
-        "marketing",
-        "medical_genetics",
-        "miscellaneous",
-        "nutrition",
-        "professional_accounting",
-        "professional_medicine",
-        "virology",
-    ),
-}
-CATEGORIES: dict[str, str] = {s: cat for cat, subjects in _GROUPS.items() for s in subjects}
-SUBJECTS = tuple(sorted(CATEGORIES))
-HF_SPLITS = {"dev": "dev", "val": "validation", "validation": "validation", "test": "test"}
-
-
-class MMLUDataError(ValueError):
-    """Malformed or missing MMLU data; the message names the file (and line) at fault."""
-
-
-@dataclass(frozen=True)
-class MMLUItem:
-    subject: str
-    question: str
-    choices: tuple[str, str, str, str]
-    answer: int  # index into choices, 0..3
-    where: str = ""  # "file:line" or "hf:<path>/<subject>/<split>#row": for error messages and tracing
-
-
-@dataclass
-class MMLUData:
-    items: list[MMLUItem]  # target split, grouped by subject, file order within a subject
-    shots: dict[str, list[MMLUItem]]  # first k dev examples per subject
-    subjects: list[str]
-    split: str
-    k_shot: int
-    source: str
-    data_hash: str  # sha256 of the loaded items and shots (independent of file layout)
-
-
-# ------------------------------------------------------------------------------------------- loading
-def _csv_rows(path: Path, subject: str) -> list[MMLUItem]:
-    if not path.is_file():
-        raise MMLUDataError(f"subject {subject!r}: {path} not found")
-    items = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        line = 1  # a quoted field may span lines: report the line where the record starts
-        for row in reader:
-            where = f"{path}:{line}"
-            line = reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != 6:
-                raise MMLUDataError(
-                    f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}"
-                )
-            answer = row[5].strip()
-            if answer not in LETTERS:
-                raise MMLUDataError(f"{where}: answer {answer!r} is not one of A, B, C, D")
-            items.append(
-                MMLUItem(subject, row[0], (row[1], row[2], row[3], row[4]), LETTERS.index(answer), where)
-            )
-    if not items:
-        raise MMLUDataError(f"{path}: empty split (no rows)")
-    return items
-
-
-def _hf_rows(hf_path: str, subject: str, split: str, data_files: str | None) -> list[MMLUItem]:
-    """Rows of one subject from a `datasets` source: the Hub's cais/mmlu (one config per subject), or a
-    local builder such as "parquet"/"json" with data_files="<dir>/{subject}_{split}.parquet"."""
-    import datasets
-
-    hf_split = HF_SPLITS.get(split, split)
-    where = f"hf:{hf_path}/{subject}/{hf_split}"
-    try:
-        if data_files is None:
-            ds = datasets.load_dataset(hf_path, subject, split=hf_split)
-        else:
-            files = data_files.format(subject=subject, split=split, hf_split=hf_split)
-            where = files
-            ds = datasets.load_dataset(hf_path, data_files={hf_split: files}, split=hf_split)
-    except (FileNotFoundError, ValueError) as exc:  # datasets raises these for unknown configs/files
-        raise MMLUDataError(f"subject {subject!r}: cannot load {where}: {exc}") from exc
-    items = []
-    for i, row in enumerate(ds):
-        choices, answer = list(row.get("choices") or []), row.get("answer")
-        if len(choices) != 4:
-            raise MMLUDataError(f"{where} row {i}: expected 4 choices, got {len(choices)}")
-        if isinstance(answer, str) and answer in LETTERS:
-            answer = LETTERS.index(answer)
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < 4:
-            raise MMLUDataError(f"{where} row {i}: answer {answer!r} is not one of 0-3 (A-D)")
-        items.append(
-            MMLUItem(
-                subject,
-                str(row["question"]),
-                (str(choices[0]), str(choices[1]), str(choices[2]), str(choices[3])),
-                answer,
-                f"{where}#{i}",
-            )
-        )
-    if not items:
-        raise MMLUDataError(f"{where}: empty split (no rows)")
-    return items
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """'hf:cais/mmlu' -> ('hf', 'cais/mmlu'); anything else is a directory in the original CSV layout."""
-    return ("hf", source[3:]) if source.startswith("hf:") else ("csv", source)
-
-
-def list_subjects(source: str, split: str) -> list[str]:
-    kind, where = parse_source(source)
-    if kind == "hf":
-        return list(SUBJECTS)
-    directory = Path(where) / split
-    if not directory.is_dir():
-        raise MMLUDataError(f"MMLU split directory {directory} not found (expected {{subject}}_{split}.csv)")
-    subjects = sorted(p.name[: -len(f"_{split}.csv")] for p in directory.glob(f"*_{split}.csv"))
-    if not subjects:
-        raise MMLUDataError(f"{directory}: no {{subject}}_{split}.csv files")
-    return subjects
-
-
-def load_split(
-    source: str, subject: str, split: str, *, hf_path: str | None = None, hf_data_files: str | None = None
-) -> list[MMLUItem]:
-    kind, where = parse_source(source)
-    if kind == "hf":
-        return _hf_rows(hf_path or where, subject, split, hf_data_files)
-    path = Path(where) / split / f"{subject}_{split}.csv"
-    if not path.is_file():
-        available = list_subjects(source, split) if (Path(where) / split).is_dir() else []
-        raise MMLUDataError(
-            f"subject {subject!r} not found: no {path}"
-            + (f"; {len(available)} subjects available, e.g. {', '.join(available[:5])}" if available else "")
-        )
-    return _csv_rows(path, subject)
-
-
-def load_mmlu(
-    source: str,
-    split: str = "val",
-    subjects: Sequence[str] = (),
-    k_shot: int = 5,
-    max_items_per_subject: int = 0,
-    *,
-    hf_path: str | None = None,
-    hf_data_files: str | None = None,
-) -> MMLUData:
-    """Target items of `split` and the first k_shot dev examples of every requested subject."""
-    if k_shot < 0:
-        raise MMLUDataError(f"k_shot must be >= 0, got {k_shot}")
-    if k_shot > 0 and split == "dev":
-        raise MMLUDataError("split 'dev' is the few-shot pool; evaluate val or test, or use k_shot=0")
-    subjects = list(subjects) or list_subjects(source, split)
-    kw = {"hf_path": hf_path, "hf_data_files": hf_data_files}
-    items: list[MMLUItem] = []
-    shots: dict[str, list[MMLUItem]] = {}
-    for subject in subjects:
-        rows = load_split(source, subject, split, **kw)
-        items += rows[:max_items_per_subject] if max_items_per_subject > 0 else rows
-        if k_shot > 0:
-            dev = load_split(source, subject, "dev", **kw)
-            if len(dev) < k_shot:
-                raise MMLUDataError(
-                    f"subject {subject!r}: {len(dev)} dev examples, fewer than k_shot={k_shot}"
-                )
-            shots[subject] = dev[:k_shot]
-        else:
-            shots[subject] = []
-    canon = [
-        [dataclasses.astuple(i)[:4] for i in items],
-        {s: [dataclasses.astuple(i)[:4] for i in v] for s, v in shots.items()},
-    ]
-    digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
-    return MMLUData(items, shots, subjects, split, k_shot, source, digest)
-
 
 # ------------------------------------------------------------------------------------------- prompts
-def subject_name(subject: str) -> str:
-    return subject.replace("_", " ")
+def continuations(protocol: Mapping[str, Any] = PROTOCOL) -> list[str]:
+    """The scored continuation of each choice: target_delimiter + label (" A" .. " D")."""
+    return [protocol["target_delimiter"] + label for label in protocol["labels"]]
 
 
-def format_example(item: MMLUItem, with_answer: bool = False) -> str:
-    text = item.question.strip() if PROTOCOL["question_strip"] else item.question
-    text += "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, item.choices, strict=True))
-    text += "\nAnswer:"
-    return text + (PROTOCOL["target_delimiter"] + LETTERS[item.answer] if with_answer else "")
+PROTOCOL["choices"] = continuations(PROTOCOL)  # recorded with every score
 
 
-def fewshot_prefix(subject: str, shots: Sequence[MMLUItem]) -> str:
-    head = PROTOCOL["description"].format(subject=subject_name(subject))
-    return head + "".join(format_example(s, True) + PROTOCOL["fewshot_delimiter"] for s in shots)
+def subject_name(subject: str, protocol: Mapping[str, Any] = PROTOCOL) -> str:
+    fmt = protocol["subject_format"]
+    return subject.replace(fmt["replace"], fmt["by"])
 
 
-def harness_prompt(item: MMLUItem, shots: Sequence[MMLUItem]) -> tuple[str, list[str]]:
-    """(context, the four continuations) exactly as the harness builds them."""
-    return fewshot_prefix(item.subject, shots) + format_example(item), list(PROTOCOL["choices"])
+def format_example(item: MMLUItem, with_answer: bool = False, protocol: Mapping[str, Any] = PROTOCOL) -> str:
+    """One question with its options, and its answer label when it is a few-shot example."""
+    labels = protocol["labels"]
+    if len(labels) != len(item.choices):
+        raise ValueError(
+            f"protocol has {len(labels)} labels for the {len(item.choices)} choices of {item.where}"
+        )
+    options = "".join(
+        protocol["option"].format(label=label, choice=choice)
+        for label, choice in zip(labels, item.choices, strict=True)
+    )
+    question = item.question.strip() if protocol["question_strip"] else item.question
+    text = protocol["example"].format(question=question, options=options)
+    return text + (continuations(protocol)[item.answer] if with_answer else "")
+
+
+def fewshot_prefix(subject: str, shots: Sequence[MMLUItem], protocol: Mapping[str, Any] = PROTOCOL) -> str:
+    head = protocol["description"].format(subject=subject_name(subject, protocol))
+    return head + "".join(format_example(s, True, protocol) + protocol["fewshot_delimiter"] for s in shots)
+
+
+def harness_prompt(
+    item: MMLUItem, shots: Sequence[MMLUItem], protocol: Mapping[str, Any] = PROTOCOL
+) -> tuple[str, list[str]]:
+    """(context, the continuation of each choice), rendered from `protocol` (by default exactly as the
+    harness builds them)."""
+    context = fewshot_prefix(item.subject, shots, protocol) + format_example(item, protocol=protocol)
+    return context, continuations(protocol)
 
 
 FEWSHOT_POLICIES = {
@@ -469,7 +254,7 @@ def score_items(
         raise MMLUDataError(f"k_shot={k_shot} but fewer dev examples were given for {missing[:5]}")
     max_len = max_seq_len or model.config.max_seq_len
     bos = [tokenizer.bos_id] if prepend_bos else []
-    choices = list(PROTOCOL["choices"])
+    choices = continuations(PROTOCOL)
 
     # k actually used per item: k for all ("truncate"); under "reduce", the largest k' <= k that fits.
     k_used = [k_shot] * len(items)

@@ -1,0 +1,139 @@
+"""Reward-model win rate of a chat policy against a reference (the SFT model) on held-out prompts.
+
+Each policy and the reference answer every prompt greedily (stop at <|end|>/<|eos|>, max_new_tokens); the
+reward model scores prompt + response at its last token; the policy wins a prompt when its reward is
+higher, a tie (same response, or equal reward) counts 0.5. The reference against itself is exactly 0.5.
+Which prompts are held out is the evaluate stage's business (tasks/evaluate.py, heldout_rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.core.io import sha256_file
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.train.rollouts import greedy_responses, score_responses, score_with_reward_model
+
+log = logging.getLogger(__name__)
+
+WINRATE_BATCH = 8  # prompts generated / scored together
+
+
+def win_rate(
+    policy_responses: Sequence[list[int]],
+    policy_rewards: Sequence[float],
+    reference_responses: Sequence[list[int]],
+    reference_rewards: Sequence[float],
+) -> dict[str, Any]:
+    """1 per prompt where the policy's reward is higher, 0 where lower, 0.5 on a tie; an identical response
+    is a tie by definition (whatever rounding a different batch might give its reward)."""
+    wins = []
+    for pr, p, rr, r in zip(
+        policy_responses, policy_rewards, reference_responses, reference_rewards, strict=True
+    ):
+        wins.append(0.5 if pr == rr or p == r else float(p > r))
+    n = len(wins)
+    return {
+        "winrate": sum(wins) / n if n else float("nan"),
+        "n_prompts": n,
+        "n_identical": sum(a == b for a, b in zip(policy_responses, reference_responses, strict=True)),
+        "reward_mean": sum(policy_rewards) / n if n else float("nan"),
+        "reference_reward_mean": sum(reference_rewards) / n if n else float("nan"),
+        "wins": wins,
+    }
+
+
+class WinRate:
+    """Held-out prompts, the reward model and the reference's responses and rewards, computed once."""
+
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        rows: list[int],
+        reward_model: Any,
+        reference: Any,
+        tokenizer: ChatTokenizer,
+        max_new_tokens: int,
+        protocol: dict[str, Any],
+    ) -> None:
+        self.prompts, self.rows, self.reward_model, self.tokenizer = prompts, rows, reward_model, tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.stop = [tokenizer.end_id, tokenizer.eos_id]
+        self.reference_responses = self._responses(reference)
+        self.reference_rewards = self._rewards(self.reference_responses)
+        self.protocol = protocol
+
+    def _responses(self, model: Any) -> list[list[int]]:
+        return greedy_responses(
+            model, self.prompts, self.max_new_tokens, self.stop, self.tokenizer.pad_id, WINRATE_BATCH
+        )
+
+    def _rewards(self, responses: list[list[int]]) -> list[float]:
+        device = next(self.reward_model.parameters()).device
+        reward_fn = functools.partial(score_with_reward_model, self.reward_model)
+        return score_responses(
+            reward_fn, self.prompts, responses, self.tokenizer.pad_id, device, WINRATE_BATCH
+        )
+
+    def evaluate(self, name: str, policy: Any) -> dict[str, Any]:
+        start = time.time()
+        responses = self._responses(policy)
+        rewards = self._rewards(responses)
+        res = win_rate(responses, rewards, self.reference_responses, self.reference_rewards)
+        log.info(
+            "%s: win rate vs sft %.3f on %d held-out prompts (%d identical responses, %.1fs)",
+            name,
+            res["winrate"],
+            res["n_prompts"],
+            res["n_identical"],
+            time.time() - start,
+        )
+        res["per_prompt"] = [
+            {
+                "row": row,
+                "reward": r,
+                "reference_reward": rr,
+                "win": w,
+                "response": self.tokenizer.decode(resp),
+            }
+            for row, r, rr, w, resp in zip(
+                self.rows, rewards, self.reference_rewards, res.pop("wins"), responses, strict=True
+            )
+        ]
+        return res
+
+
+def protocol(
+    rows: list[int],
+    how: str,
+    n_held_out: int,
+    n_prompts: int,
+    room: int,
+    max_new_tokens: int,
+    tokenizer: ChatTokenizer,
+    checkpoints: dict[str, Path],
+    preference: Path,
+) -> dict[str, Any]:
+    """What a win rate measured, recorded next to it: the prompts (rows and how they were chosen), decoding,
+    scoring and the sha256 of the reward and reference checkpoints and of the preference data."""
+    return {
+        "reference": "sft",
+        "prompts": f"data/validated/preference.parquet rows held out from training ({how}), first "
+        f"{n_prompts} whose chat prompt fits max_seq_len - max_new_tokens = {room} tokens",
+        "rows": rows,
+        "n_held_out": n_held_out,
+        "prompt_format": "render_chat([user: prompt], add_generation_prompt=True)",
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+        "stop_tokens": [tokenizer.specials.end, tokenizer.specials.eos],
+        "score": "reward model (scalar head) value at the last token of prompt + response",
+        "win": "policy reward > reference reward: 1; equal reward or identical response: 0.5; else 0",
+        "reward_checkpoint_sha256": sha256_file(checkpoints["reward"] / "model.safetensors"),
+        "reference_checkpoint_sha256": sha256_file(checkpoints["reference"] / "model.safetensors"),
+        "preference_sha256": sha256_file(preference),
+    }

@@ -245,14 +245,10 @@ def alerts_at_end(
     return on_step
 
 
-# Until tasks/core/config.py has `DPOConfig.reference`, the reference (and starting policy) is this checkpoint.
-REFERENCE_DEFAULT = "sft"
-
-
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.dpo
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    reference_name = str(getattr(cfg, "reference", REFERENCE_DEFAULT))
+    reference_name = cfg.reference  # the frozen reference, and the starting policy
     policy, reference, _ = load_policy_and_reference(reference_name, reference_name, tokenizer.fingerprint)
     pairs = chat_data.preference_pairs(tokenizer, min(cfg.seq_len, policy.config.max_seq_len))
     # Same device and precision as the policy's forward in the loop (bf16 autocast on CPU), so that the

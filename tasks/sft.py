@@ -28,9 +28,6 @@ from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.train.loop import Batch, load_causal_lm, train_stage
 
-# Until tasks/core/config.py has `SFTConfig.packing`, this is its value.
-PACKING_DEFAULT = False
-
 
 class SupervisedChat:
     def __init__(
@@ -105,7 +102,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         cfg.train.seed,
         cfg.val_fraction,
         cfg.train.eval_batches,
-        packing=bool(getattr(cfg, "packing", PACKING_DEFAULT)),
+        packing=cfg.packing,
         seq_len=seq_len,
     )
     return train_stage(

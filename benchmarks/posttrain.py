@@ -68,7 +68,7 @@ def objective_for(task: str, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from tasks.data.chat_tokenizer import ChatTokenizer
     from tasks.dpo import DirectPreference, reference_logps
     from tasks.sft import SupervisedChat
-    from tasks.train.loop import load_causal_lm
+    from tasks.train.checkpoints import load_causal_lm
 
     tok = ChatTokenizer.load(paths.TOKENIZER_JSON)
     model, _ = load_causal_lm("sft", tok.fingerprint)

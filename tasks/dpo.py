@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +31,9 @@ from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.train.loop import Batch, load_causal_lm, train_stage
+from tasks.train.alerts import alerts_at_end, raise_or_tag
+from tasks.train.checkpoints import load_policy_and_reference
+from tasks.train.loop import Batch, train_stage
 from tasks.train.losses import dpo_loss, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -176,27 +177,6 @@ def cached_reference(
     return ref
 
 
-def check_same_architecture(policy: Transformer, reference: Transformer, names: tuple[str, str]) -> None:
-    """The reference scores the policy's tokens position by position: same config, or a clear error."""
-    if policy.config != reference.config:
-        a, b = policy.config.to_dict(), reference.config.to_dict()
-        diff = ", ".join(f"{k}: {a[k]} vs {b[k]}" for k in a if a[k] != b.get(k))
-        raise StageError(
-            f"policy ({paths.checkpoint(names[0])}) and reference ({paths.checkpoint(names[1])}) have "
-            f"different shapes ({diff}); the reference must be the policy's own starting model"
-        )
-
-
-def load_policy_and_reference(
-    policy_name: str, reference_name: str, fingerprint: str
-) -> tuple[Transformer, Transformer, dict[str, Any]]:
-    policy, meta = load_causal_lm(policy_name, fingerprint)
-    reference, _ = load_causal_lm(reference_name, fingerprint)
-    check_same_architecture(policy, reference, (policy_name, reference_name))
-    reference.requires_grad_(False)
-    return policy, reference, meta
-
-
 def dpo_alerts(metrics: dict[str, float], params: Params) -> list[str]:
     """Health checks on the final (held-out when evaluated) metrics: accuracy at chance, collapsed margin."""
     alerts = params.alerts
@@ -219,30 +199,6 @@ def dpo_alerts(metrics: dict[str, float], params: Params) -> list[str]:
 
 def check_alerts(metrics: dict[str, float], params: Params, tracker: Any) -> list[str]:
     return raise_or_tag(dpo_alerts(metrics, params), params, tracker)
-
-
-def raise_or_tag(found: list[str], params: Params, tracker: Any) -> list[str]:
-    """Log each alert as a warning and tag the MLflow run; with alerts.fail_on_alert, fail the stage."""
-    for message in found:
-        log.warning("ALERT: %s", message)
-    if tracker is not None:
-        tracker.set_tags({"health.alerts": " | ".join(found) or "none"})
-    if found and params.alerts.fail_on_alert:
-        raise StageError("health alert (alerts.fail_on_alert=true), nothing written: " + "; ".join(found))
-    return found
-
-
-def alerts_at_end(
-    max_steps: int, check: Callable[[dict[str, float]], list[str]], params: Params, tracker: Any
-) -> Callable[[int, dict[str, float]], None]:
-    """An on_step hook for the loop: run the checks on the last step's metrics. The loop calls it before
-    it writes its curve and before the stage writes its checkpoint, so a failure leaves no new output."""
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if step == max_steps:
-            raise_or_tag(check(metrics), params, tracker)
-
-    return on_step
 
 
 def run(params: Params, tracker: Any) -> dict[str, float]:

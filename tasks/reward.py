@@ -22,7 +22,8 @@ from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.train.loop import Batch, load_causal_lm, train_stage
+from tasks.train.checkpoints import load_causal_lm
+from tasks.train.loop import Batch, train_stage
 from tasks.train.losses import bradley_terry_loss
 
 

@@ -30,8 +30,9 @@ from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.dpo import alerts_at_end, check_same_architecture
-from tasks.train.loop import Batch, load_causal_lm, load_stage_model, train_stage
+from tasks.train.alerts import alerts_at_end
+from tasks.train.checkpoints import check_same_architecture, load_causal_lm, load_stage_model
+from tasks.train.loop import Batch, train_stage
 from tasks.train.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
 from tasks.train.rollouts import (
     KLController,

@@ -580,7 +580,7 @@ def test_reward_model_from_another_tokenizer_is_refused(in_workspace):
 
 
 def test_policy_and_reference_of_different_shapes_are_refused(in_workspace):
-    from tasks.dpo import load_policy_and_reference
+    from tasks.train.checkpoints import load_policy_and_reference
 
     tok = ChatTokenizer.load(paths.TOKENIZER_JSON)
     copy_checkpoint(in_workspace, "base", "sft")

@@ -28,7 +28,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from models.llama import Transformer
 from tasks.core.config import TrainConfig
 from tasks.core.io import atomic_path, write_json
 from tasks.core.launch import check_train_config
@@ -292,24 +291,3 @@ def train_stage(
         write_json(paths.METRICS / f"{stage}.json", rounded)
         shutil.rmtree(paths.STATE / stage, ignore_errors=True)
     return metrics
-
-
-def load_stage_model(name: str, fingerprint: str, kind: str = "causal_lm") -> tuple[Any, dict[str, Any]]:
-    """Load data/checkpoints/<name>/ and check it was trained with the tokenizer given by its fingerprint."""
-    from models.checkpoint import load_checkpoint
-    from tasks.core import paths
-    from tasks.data.chat_tokenizer import TokenizerMismatch
-
-    model, meta = load_checkpoint(paths.checkpoint(name), kind=kind)
-    if meta.get("tokenizer_fingerprint") != fingerprint:
-        raise TokenizerMismatch(
-            f"{paths.checkpoint(name)} was trained with tokenizer {str(meta.get('tokenizer_fingerprint'))[:12]}, "
-            f"but data/tokenizer/tokenizer.json is {fingerprint[:12]}; re-run the stages after `tokenizer`"
-        )
-    return model, meta
-
-
-def load_causal_lm(name: str, fingerprint: str) -> tuple[Transformer, dict[str, Any]]:
-    model, meta = load_stage_model(name, fingerprint, kind="causal_lm")
-    assert isinstance(model, Transformer)
-    return model, meta

@@ -141,7 +141,7 @@ def summary_markdown(
             name = f"{info['name']} v{info['version']}"
             champion = " (champion)" if info.get("champion") else ""
             lines.append(f"- {model}: [{name}]({link}){champion}" if link else f"- {model}: {name}{champion}")
-    return "\n".join(lines) + "\n"
+    return tracking.redact("", "\n".join(lines) + "\n")  # URIs and errors may carry credentials
 
 
 @flow(name="llm-pipeline", log_prints=True, validate_parameters=True)

@@ -8,13 +8,14 @@ are recorded on the version.
 
 For `pipeline replay`, each version also records `weights_sha256` (models.checkpoint.state_dict_hash of
 the checkpoint), the producing stage's params as JSON (`params.<section>`), and the full params.yaml as
-an artifact of the register run (`params.artifact`, with its sha256 in `params.sha256`).
+an artifact of the register run (`params.artifact`; its sha256 stored beside it as
+`<artifact>.sha256` and in `params.sha256`). Every model also carries its integrity manifest tags
+(tasks/core/manifest.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -152,8 +153,8 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
 
 def run(params: Params, tracker: Any) -> dict[str, Any]:
     params_file = Path("params.yaml")
-    tracker.log_artifact(params_file, str(Path(PARAMS_ARTIFACT).parent))
-    params_sha256 = hashlib.sha256(params_file.read_bytes()).hexdigest()
+    # The params.yaml (secrets redacted) with its sha256 stored beside it: replay checks both and the tags.
+    params_sha256 = tracker.log_params_file(params_file, PARAMS_ARTIFACT)
     results = {name: register_one(name, params, tracker, params_sha256) for name in stages.models()}
     paths.REGISTRY.mkdir(parents=True, exist_ok=True)
     write_json(paths.REGISTRY / "registered.json", results)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import re
 import subprocess
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ def tracking_uri() -> str:
         return f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raise TrackingError(
-            f"MLFLOW_TRACKING_URI={uri} is relative; use an absolute path (sqlite:////abs/x.db)"
+            f"MLFLOW_TRACKING_URI={redact('', uri)} is relative; use an absolute path (sqlite:////abs/x.db)"
         )
     return uri
 
@@ -69,7 +71,7 @@ def setup() -> str:
     try:
         exp = client.get_experiment_by_name(name)
     except Exception as exc:  # an unreachable server surfaces here, before any training starts
-        raise TrackingError(f"MLflow tracking store {uri} is not reachable: {exc}") from exc
+        raise TrackingError(redact("", f"MLflow tracking store {uri} is not reachable: {exc}")) from exc
     if exp is None:
         try:
             exp_id = client.create_experiment(name, artifact_location=_artifact_root())
@@ -99,16 +101,77 @@ def git_info(cwd: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
-SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "auth")
+# A key names a secret when its last word is one of these (`hf_token`, `auth`, `X-Amz-Signature`) ...
+SECRET_LAST_WORDS = {"token", "key", "pwd", "auth", "authorization", "sig", "signature", "cookie", "sas"}
+# ... or when these letters appear anywhere in it (`db_password`, `aws_secret_access_key`, `apiKey`).
+SECRET_PARTS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "credential",
+    "privatekey",
+    "apikey",
+    "accesskey",
+)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}`]+")
+_PAIR = re.compile(r"([A-Za-z_][\w.-]*)=([^\s&#'\"]*)")
 
 
-def redact(key: str, value: str) -> str:
-    """Never log secrets as params: a key that names one, or a URI with a password in it, is masked."""
+def secret_key(key: str) -> bool:
+    """Does this (dotted) key name a credential? The tokenizer section's *_token keys name vocabulary."""
     parts = key.lower().split(".")
-    # The tokenizer section's *_token fields name vocabulary tokens, not credentials.
-    if "tokenizer" not in parts[:2] and any(word in parts[-1] for word in SECRET_WORDS):
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key.split(".")[-1]).lower())
+    compact = "".join(words)
+    if any(part in compact for part in SECRET_PARTS):
+        return True
+    return bool(words) and words[-1] in SECRET_LAST_WORDS and "tokenizer" not in parts[:-1]
+
+
+def _redact_url(url: str) -> str:
+    """A URL without its password, a user-only token, or a secret query/fragment value."""
+    scheme, rest = url.split("://", 1)
+    # The authority ends at the first / ? #; a password containing one of them (invalid but common)
+    # shows as `user:pa/ss@host`: a colon before the separator, no port digits after it, and an @ later.
+    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    at = rest.rfind("@", 0, end)  # the last @ of the authority: a raw @ in a password comes before it
+    head = rest[:end]
+    if at < 0 and ":" in head and not head.split(":", 1)[1].isdigit():
+        at = rest.find("@", end)
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1 :]
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+        rest = (f"{user}:***@" if ":" in userinfo else "***@") + rest
+    parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
+    for field in (parts.query, parts.fragment):
+        if "=" in field and any(
+            secret_key(k) for k, _ in urllib.parse.parse_qsl(field, keep_blank_values=True)
+        ):
+            rest = rest.replace(field, _PAIR.sub(_redact_pair, field), 1)
+    return f"{scheme}://{rest}"
+
+
+def _redact_pair(m: re.Match[str]) -> str:
+    return f"{m.group(1)}=***" if secret_key(m.group(1)) else m.group(0)
+
+
+def redact(key: str, value: Any) -> str:
+    """The one redaction of anything printed, logged or stored: a value under a key that names a secret
+    becomes `***`; in any other text, every URL loses its password, a user name that stands alone (a
+    token), and secret query/fragment values, and `key=value` pairs with a secret key lose the value."""
+    if key and secret_key(key):
         return "***"
-    return re.sub(r"(//[^/:@\s]+:)[^@/\s]+@", r"\1***@", value)
+    text = _URL.sub(lambda m: _redact_url(m.group(0)), str(value))
+    return _PAIR.sub(_redact_pair, text)
+
+
+def redact_tree(obj: Any, prefix: str = "") -> Any:
+    """A copy of nested mappings/lists with every string leaf passed through `redact` under its dotted key."""
+    if isinstance(obj, Mapping):
+        return {k: redact_tree(v, f"{prefix}{k}.") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_tree(v, prefix) for v in obj]
+    return redact(prefix.rstrip("."), obj) if isinstance(obj, str) else obj
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -148,6 +211,28 @@ class Tracker:
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+
+    def log_params_file(self, params_file: Path, artifact: str) -> str:
+        """Store a params YAML as `artifact` (secrets redacted) with its sha256 beside it in
+        `<artifact>.sha256`; returns that sha256 (of the bytes stored), which replay checks."""
+        import tempfile
+
+        import yaml
+
+        raw = Path(params_file).read_bytes()
+        data = yaml.safe_load(raw)
+        clean = redact_tree(data)
+        if clean != data:  # only rewrite when something was redacted: the bytes stay the user's otherwise
+            raw = yaml.safe_dump(clean, sort_keys=False).encode()
+        sha = hashlib.sha256(raw).hexdigest()
+        name = Path(artifact).name
+        folder = str(Path(artifact).parent) if Path(artifact).parent != Path(".") else None
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(raw)
+            (Path(tmp) / f"{name}.sha256").write_text(sha + "\n")
+            mlflow.log_artifact(str(Path(tmp) / name), artifact_path=folder)
+            mlflow.log_artifact(str(Path(tmp) / f"{name}.sha256"), artifact_path=folder)
+        return sha
 
 
 @contextlib.contextmanager
@@ -202,24 +287,61 @@ def serving_requirements() -> list[str]:
 
 
 def log_chat_model(name: str, registered_name: str, checkpoint_dir: Path, tokenizer_json: Path) -> Any:
-    """Log a checkpoint as a pyfunc model-from-code (tasks/serve/pyfunc.py) and register a new version."""
+    """Log a checkpoint as a pyfunc model-from-code (tasks/serve/pyfunc.py) and register a new version.
+
+    The logged code, checkpoint files and tokenizer are hashed into an integrity manifest (a model
+    artifact; its sha256 in the model config) and the version is tagged with the manifest's, the code's,
+    the weights' and the tokenizer's sha256 (tasks/core/manifest.py); loading checks them.
+    """
+    import shutil
+    import tempfile
+
     from mlflow.models import infer_signature
+
+    from tasks.core import manifest
 
     signature = infer_signature(
         INPUT_EXAMPLE,
         ["generated text"],
-        params={"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "seed": 0},
+        params={"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0},
     )
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(SERVING_CODE),
-        artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_json)},
-        code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "tasks")],
-        signature=signature,
-        input_example=INPUT_EXAMPLE,
-        pip_requirements=serving_requirements(),  # explicit: inferring them loads the model again (slow)
-        registered_model_name=registered_name,
-    )
+    checkpoint_dir, tokenizer_json = Path(checkpoint_dir), Path(tokenizer_json)
+    with tempfile.TemporaryDirectory(prefix="pipeline-log-model-") as tmp:
+        # The code is staged without bytecode caches: the model holds exactly the files the manifest lists.
+        code_paths = []
+        for package in ("models", "tasks"):
+            dst = Path(tmp) / "code" / package
+            shutil.copytree(REPO_ROOT / package, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            code_paths.append(str(dst))
+        files = {"pyfunc.py": SERVING_CODE, f"artifacts/{tokenizer_json.name}": tokenizer_json}
+        files.update(
+            {f"code/{p.relative_to(Path(tmp) / 'code').as_posix()}": p for p in Path(tmp, "code").rglob("*")}
+        )
+        files.update(
+            {
+                f"artifacts/{checkpoint_dir.name}/{p.relative_to(checkpoint_dir).as_posix()}": p
+                for p in checkpoint_dir.rglob("*")
+            }
+        )
+        raw = manifest.build({rel: p for rel, p in files.items() if p.is_file()})
+        manifest_file = Path(tmp) / Path(manifest.MANIFEST).name
+        manifest_file.write_bytes(raw)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(SERVING_CODE),
+            artifacts={
+                "checkpoint": str(checkpoint_dir),
+                "tokenizer": str(tokenizer_json),
+                "manifest": str(manifest_file),
+            },
+            code_paths=code_paths,
+            model_config={"manifest_sha256": hashlib.sha256(raw).hexdigest()},
+            signature=signature,
+            input_example=INPUT_EXAMPLE,
+            pip_requirements=serving_requirements(),  # explicit: inferring them loads the model again (slow)
+            registered_model_name=registered_name,
+        )
+    tag_version(registered_name, str(info.registered_model_version), manifest.tags(raw))
     return info
 
 
@@ -258,6 +380,7 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
     MLflow's own client retries an unreachable server for minutes; a pipeline run must fail before its
     first stage instead. Local stores (sqlite, file) always pass.
     """
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -267,13 +390,18 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
             if resp.status != 200:
-                raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {resp.status}")
-    except (urllib.error.URLError, OSError) as exc:
+                raise TrackingError(
+                    redact("", f"MLflow tracking server {uri} answered /health with HTTP {resp.status}")
+                )
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # or malformed
         reason = getattr(exc, "reason", exc)
         raise TrackingError(
-            f"MLflow tracking server {uri} is not reachable ({reason}); start it (`pipeline ui`) "
-            "or unset MLFLOW_TRACKING_URI to use the local sqlite store"
-        ) from exc
+            redact(
+                "",
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it (`pipeline ui`) "
+                "or unset MLFLOW_TRACKING_URI to use the local sqlite store",
+            )
+        ) from None  # the chained exception would print the URI (and its password) again
 
 
 def run_url(run_id: str, experiment_id: str | None = None) -> str | None:
@@ -315,7 +443,8 @@ def resolve_version(ref: str) -> Any:
     except mlflow.exceptions.MlflowException as exc:
         known = sorted(m.name for m in c.search_registered_models(max_results=100))
         raise ModelRefError(
-            f"no registered model named {name!r} in {tracking_uri()}; registered: {', '.join(known) or 'none'}"
+            f"no registered model named {name!r} in {redact('', tracking_uri())}; "
+            f"registered: {', '.join(known) or 'none'}"
         ) from exc
     if alias is not None:
         aliases = dict(model.aliases or {})
@@ -329,10 +458,50 @@ def resolve_version(ref: str) -> Any:
         raise ModelRefError(f"registered model {name!r} has no version {number}") from exc
 
 
+class ModelIntegrityError(TrackingError):
+    """A registered model whose files or integrity tags differ from what was recorded at registration."""
+
+
+def download_verified(version: Any) -> Path:
+    """The registered version's files in a fresh local directory, checked against its integrity manifest
+    and tags before anything in them runs (tasks/core/manifest.py); ModelIntegrityError otherwise."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from tasks.core import manifest
+
+    label = f"{version.name} v{version.version}"
+    tags = dict(version.tags or {})
+    missing = [t for t in (*manifest.TAGS, "manifest.sha256") if not tags.get(t)]
+    if missing:
+        raise ModelIntegrityError(
+            f"{label} has no integrity tags {missing}: it was registered before models carried a manifest, "
+            "or the tags were removed; register it again (`dvc repro register`)"
+        )
+    dst = Path(tempfile.mkdtemp(prefix="pipeline-model-"))
+    atexit.register(shutil.rmtree, dst, True)  # the loaded model reads its tokenizer path until exit
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(dst)
+        )
+    )
+    try:
+        manifest.verify(local, tags["manifest.sha256"], "tag manifest.sha256", tags=tags)
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+        manifest.expect_loader(mlmodel, tags["manifest.sha256"])
+    except manifest.ManifestError as exc:
+        raise ModelIntegrityError(f"{label}: {exc}; refusing to load it") from None
+    return local
+
+
 def load_registered(ref: str) -> tuple[Any, Any]:
-    """Load a registered version through MLflow (pyfunc); returns (the ChatModel instance, the version)."""
+    """Load a registered version through MLflow (pyfunc) after checking its files against the integrity
+    manifest and tags recorded at registration; returns (the ChatModel instance, the version)."""
     version = resolve_version(ref)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    pyfunc = mlflow.pyfunc.load_model(str(download_verified(version)))
     return pyfunc.unwrap_python_model(), version
 
 

@@ -165,6 +165,18 @@ def _number(params: dict[str, Any], name: str, default: Any, kind: type) -> Any:
 
 class ChatModel(PythonModel):
     def load_context(self, context: Any) -> None:
+        # Before any other module of the model's code/ is imported: its files, weights and tokenizer
+        # against the manifest whose sha256 MLmodel records (README: "What you can trust").
+        from tasks.core.manifest import ManifestError, verify
+
+        if "manifest" not in context.artifacts:
+            raise ManifestError(
+                "this model has no integrity manifest (registered before manifests); register it again"
+            )
+        root = Path(context.artifacts["manifest"]).parents[1]
+        recorded = (context.model_config or {}).get("manifest_sha256", "")
+        verify(root, recorded, "the manifest_sha256 in MLmodel", ignore_pycache=True)
+
         from models.checkpoint import load_checkpoint
         from tasks.data.chat_tokenizer import ChatTokenizer
 

@@ -22,6 +22,13 @@ from pathlib import Path
 from tasks.core.config import ConfigError, dump_params, resolve_params
 
 
+def _clean(exc: BaseException) -> str:
+    """An error message as printed: URIs without passwords or tokens, secret values masked."""
+    from tasks.core.tracking import redact  # imports mlflow: only when there is an error to print
+
+    return redact("", exc)
+
+
 def _resolve(args: argparse.Namespace):
     params = resolve_params(args.profile, args.set or [])
     from tasks.ingest import check_sources
@@ -102,21 +109,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     try:
         return chat(args.model, _generation_params(args), system=args.system)
     except ValueError as exc:  # a generation parameter out of bounds (max_new_tokens, temperature)
-        print(f"pipeline: {exc}", file=sys.stderr)
+        print(f"pipeline: {_clean(exc)}", file=sys.stderr)
         return 2
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from flows.models import export
 
-    export(args.model, Path(args.out_dir))
+    export(args.model, Path(args.out_dir), force=args.force)
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from flows.models import replay
 
-    return 0 if replay(args.model, Path(args.workdir) if args.workdir else None, keep=args.keep) else 1
+    workdir = Path(args.workdir) if args.workdir else None
+    return 0 if replay(args.model, workdir, keep=args.keep, trusted_ref=args.trusted_ref) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +178,19 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--system", help="a system message that starts the conversation")
         if name == "export":
             p.add_argument("out_dir")
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="replace a non-empty OUT_DIR that is not a previous export (never /, $HOME or a repo)",
+            )
         if name == "replay":
             p.add_argument("--workdir", help="where to make the temporary worktree (default: system temp)")
             p.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
+            p.add_argument(
+                "--trusted-ref",
+                default="HEAD",
+                help="replay only a commit in the history of this ref (default HEAD: the current branch)",
+            )
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     from flows.deploy import apply_ui_state
@@ -182,11 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as exc:
-        print(f"pipeline: config error: {exc}", file=sys.stderr)
+        print(f"pipeline: config error: {_clean(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if type(exc).__name__ in {"StageError", "TrackingError", "ModelRefError", "ReplayError"}:
-            print(f"pipeline: {exc}", file=sys.stderr)
+        # Errors that say what is wrong (TrackingError covers ModelRefError and ModelIntegrityError);
+        # printed without a traceback and without the secrets a URI in them may hold.
+        if {c.__name__ for c in type(exc).__mro__} & {
+            "StageError",
+            "TrackingError",
+            "ReplayError",
+            "ExportError",
+        }:
+            print(f"pipeline: {_clean(exc)}", file=sys.stderr)
             return 2
         raise
 

@@ -42,12 +42,11 @@ def question(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"What does function number {i} in json do?"}]
 
 
-def tiny_registered_model(root: Path) -> str:
-    """Log a tiny random chat model through tasks.tracking; the models:/ URI of its registered version."""
+def tiny_checkpoint(root: Path) -> Path:
+    """A workspace at root (tiny params, data/tokenizer) and a tiny random chat model in root/ckpt."""
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.llama import Transformer
-    from tasks.core import tracking
     from tasks.data.chat_tokenizer import ChatTokenizer
 
     make_workspace(root)
@@ -59,9 +58,17 @@ def tiny_registered_model(root: Path) -> str:
     with torch.no_grad():
         model.embed.weight[: tok.end_id + 1] = 0  # the specials (ids 0..end): logit 0, never the argmax
     save_checkpoint(root / "ckpt", model, config, {"tokenizer_fingerprint": tok.fingerprint})
+    return root / "ckpt"
+
+
+def tiny_registered_model(root: Path, name: str = MODEL) -> str:
+    """Log a tiny random chat model through tasks.tracking; the models:/ URI of its registered version."""
+    from tasks.core import tracking
+
+    ckpt = tiny_checkpoint(root)
     with tracking.stage_run("serving-test"):
-        info = tracking.log_chat_model("chat", MODEL, root / "ckpt", tokenizer_json)
-    return f"models:/{MODEL}/{info.registered_model_version}"
+        info = tracking.log_chat_model("chat", name, ckpt, root / "data/tokenizer/tokenizer.json")
+    return f"models:/{name}/{info.registered_model_version}"
 
 
 def post(port: int, body: object, content_type: str = "application/json") -> tuple[int, str]:

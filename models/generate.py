@@ -13,10 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from models.llama import Transformer
+from models.llama import KVCache, Transformer
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def sample_next(
@@ -25,30 +35,37 @@ def sample_next(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:  # [B] int64
-    """Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p) filtering."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    """Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p) filtering.
+    `generator`: one for the batch, or one per row (row i then draws as a batch of one would with it)."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)  # [B, V]
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # The filtering above is row-wise, so only the draw itself has to be made row by row.
+    return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])[
+        :, 0
+    ]
+
+
+def last_logits(model: Transformer, tokens: torch.Tensor, **kw: Any) -> torch.Tensor:  # [B, V]
+    """Logits of the last position only: a prefill through lm_head would cost T x d_model x vocab for
+    logits nobody reads (a quarter of a cpu-profile prefill)."""
+    return model.lm_head(model.hidden_states(tokens, **kw)[:, -1])
 
 
 def _check_prompt(model: Transformer, prompt: torch.Tensor) -> None:
@@ -77,17 +94,17 @@ def _next_tokens(
     cache = None
     if use_cache:
         cache = model.new_cache(prompt.size(0), max_len=prompt.size(1) + n, device=prompt.device)
-    logits = model(prompt, cache=cache)[:, -1]  # [B, V]; prefill (fills the cache)
+    logits = last_logits(model, prompt, cache=cache)  # [B, V]; prefill (fills the cache)
     for step in range(n):
         tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield tok
         if step == n - 1:
             break
         if cache is not None:
-            logits = model(tok[:, None], cache=cache)[:, -1]  # one new position
+            logits = last_logits(model, tok[:, None], cache=cache)  # one new position
         else:
             seq = torch.cat([seq, tok[:, None]], dim=1)
-            logits = model(seq)[:, -1]  # recompute over the whole sequence
+            logits = last_logits(model, seq)  # recompute over the whole sequence
 
 
 @torch.no_grad()
@@ -237,6 +254,36 @@ def _check_batch(
         )
 
 
+PREFILL_GROUP = 4  # rows per prefill forward; rows sorted by length, so a group pads to its own longest
+
+
+def _prefill(model: Transformer, ids: list[list[int]], cache: KVCache) -> torch.Tensor:  # [B, V]
+    """Fill cache (rows right-aligned at its first T = longest prompt positions) and return each row's
+    next-token logits. Prompts go through in groups of similar length, each left-padded to its own longest
+    only: one padded [B, T] forward would spend a third of its work on pad positions when lengths spread
+    over 16..96."""
+    T = max(len(p) for p in ids)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    device = cache.k[0].device
+    logits: torch.Tensor | None = None
+    for g in range(0, len(ids), PREFILL_GROUP):
+        rows = order[g : g + PREFILL_GROUP]
+        tokens, mask = left_pad([ids[i] for i in rows], 0, device)  # [b, Tg], Tg <= T
+        Tg = tokens.size(1)
+        part = model.new_cache(len(rows), max_len=Tg, device=device, dtype=cache.k[0].dtype)
+        out = last_logits(model, tokens, cache=part, attention_mask=mask)  # [b, V]
+        if logits is None:
+            logits = out.new_empty(len(ids), out.size(1))
+        idx = torch.tensor(rows, device=device)
+        logits[idx] = out
+        for layer in range(len(cache.k)):  # slots left of T - Tg stay zero: they are pad, masked
+            cache.k[layer][idx, :, T - Tg : T] = part.k[layer]
+            cache.v[layer][idx, :, T - Tg : T] = part.v[layer]
+    cache.pos = T
+    assert logits is not None
+    return logits
+
+
 @torch.no_grad()
 def generate_batch(
     model: Transformer,
@@ -255,17 +302,18 @@ def generate_batch(
 
     Prompts are left-padded; RoPE positions count from each row's first real token and pad keys are
     masked at prefill and at every decode step, so greedy rows equal one-at-a-time `generate`. A row ends
-    at its first stop token (kept, counted in lengths); finished rows are dropped from the batch (and the
-    cache) as they pile up. Rows share the context of the longest prompt: n <= max_seq_len - longest.
-    `generator`: one for the whole batch, or one per row (then row i samples exactly as `generate` would
-    with generator[i] alone). Raises ValueError on an empty batch or prompt, max_new_tokens < 1, a prompt
-    that fills the context, or a token id outside the vocab, before any compute.
+    at its first stop token (kept, counted in lengths) and leaves the batch and the cache at once. Rows
+    share the context of the longest prompt: n <= max_seq_len - longest. `generator`: one for the whole
+    batch, or one per row (then row i samples exactly as `generate` would with generator[i] alone).
+    Raises ValueError on an empty batch or prompt, max_new_tokens < 1, a prompt that fills the context, a
+    token id outside the vocab or a bad sampling option, before any compute.
     """
     ids = [_as_ids(p) for p in prompts]
     generators = (
         list(generator) if generator is not None and not isinstance(generator, torch.Generator) else None
     )
     _check_batch(model, ids, max_new_tokens, generators)
+    check_sampling(temperature, top_k, top_p)
     device = model.embed.weight.device
     B = len(ids)
     # Pad slots hold token 0 whatever pad_id is: they are masked, and pad_id need not be a vocab id.
@@ -273,20 +321,18 @@ def generate_batch(
     n = min(max_new_tokens, model.config.max_seq_len - tokens.size(1))
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
-    def sample(logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-
     out = torch.full((B, n), pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # original row of each live batch row
     cache = model.new_cache(B, max_len=tokens.size(1) + n, device=device) if use_cache else None
     seq = tokens  # [b, S], the no-cache path re-reads everything
-    logits = model(tokens, cache=cache, attention_mask=mask)[:, -1]  # [B, V]; prefill
+    if cache is not None:
+        logits = _prefill(model, ids, cache)  # [B, V]
+    else:
+        logits = last_logits(model, tokens, attention_mask=mask)  # [B, V]
     for step in range(n):
-        if generators is None:
-            tok = sample(logits, generator)  # type: ignore[arg-type]
-        else:  # one draw per row from its own generator, as a batch of one would make it
-            tok = torch.cat([sample(logits[i : i + 1], generators[r]) for i, r in enumerate(rows.tolist())])
+        live = generator if generators is None else [generators[r] for r in rows.tolist()]
+        tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=live)  # [b]
         out[rows, step] = tok
         lengths[rows] += 1
         if step == n - 1:
@@ -305,9 +351,9 @@ def generate_batch(
                     cache.select_rows(keep)
         mask = torch.cat([mask, mask.new_ones(rows.numel(), 1)], dim=1)  # [b, S + 1]
         if cache is not None:
-            logits = model(tok[:, None], cache=cache, attention_mask=mask)[:, -1]  # one new position
+            logits = last_logits(model, tok[:, None], cache=cache, attention_mask=mask)  # one new position
         else:
             seq = torch.cat([seq, tok[:, None]], dim=1)
-            logits = model(seq, attention_mask=mask)[:, -1]
+            logits = last_logits(model, seq, attention_mask=mask)
     width = int(lengths.max())
     return Generation(tokens=out[:, :width], lengths=lengths)

@@ -134,6 +134,8 @@ def test_batch_shares_the_context_of_its_longest_prompt() -> None:
         ([[1, 2], [5, 128]], {}, "prompt 1 holds token id 128, outside vocab_size=128"),
         ([[1, 2], [-1]], {}, "prompt 1 holds token id -1"),
         ([[1], [2]], {"generator": [torch.Generator()]}, "1 generators for 2 prompts"),
+        ([[1], [2]], {"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+        ([[1], [2]], {"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
     ],
 )
 def test_bad_input_is_refused_naming_it(ps: list[list[int]], kw: dict[str, Any], message: str) -> None:

@@ -24,7 +24,7 @@ from tasks.core.config import ConfigError, dump_params, resolve_params
 
 def _clean(exc: BaseException) -> str:
     """An error message as printed: URIs without passwords or tokens, secret values masked."""
-    from tasks.core.tracking import redact  # imports mlflow: only when there is an error to print
+    from tasks.core.secrets import redact
 
     return redact("", exc)
 

@@ -64,6 +64,12 @@ class ValidateConfig:
     min_printable_ratio: float = 0.95
     max_chars: int = 20000
     fail_on_error: bool = True
+    # uncompressed parquet MB that GX validates at a time: memory is bounded by this, not by the data
+    batch_mb: float = 32.0
+
+    def __post_init__(self) -> None:
+        if not self.batch_mb > 0:
+            raise ValueError(f"validate.batch_mb must be > 0, got {self.batch_mb}")
 
 
 @dataclass

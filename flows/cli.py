@@ -100,7 +100,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _generation_params(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "chat":
             p.add_argument("--max-new-tokens", type=int, default=128)
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--top-k", type=int, default=0, help="0 = off")
+            p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
             p.add_argument("--system", help="a system message that starts the conversation")
         if name == "export":
             p.add_argument("out_dir")

@@ -249,7 +249,11 @@ BAD_REQUESTS = {  # case: (body, HTTP status, message)
         400,
         "max_new_tokens=128 leaves no room in the context of 128 tokens",
     ),
-    "negative temperature": (body(temperature=-1.0), 400, "temperature must be >= 0, got -1.0"),
+    "negative temperature": (
+        body(temperature=-1.0),
+        400,
+        "temperature must be a finite number >= 0, got -1.0",
+    ),
     "too many records": (body(records=17), 400, "17 records in one request, more than the limit 16"),
     "too many messages": (body(M * 33), 400, "record 0: 33 messages, more than the limit 32"),
     "oversized message": (body([{"role": "user", "content": "x" * 16001}]), 400, "exceed 16000 characters"),
@@ -262,6 +266,37 @@ BAD_REQUESTS = {  # case: (body, HTTP status, message)
         415,
         "This predictor only supports the following content types",
     ),
+    # every other field of a request: a 400 naming it (ours, or MLflow's schema check), never a traceback
+    "negative top_k": (body(top_k=-3), 400, "top_k must be >= 0 (0: off), got -3"),
+    "top_k not an integer": (body(top_k=2.5), 400, "Failed to validate type and shape for 'top_k'"),
+    "infinite temperature": (
+        b'{"inputs": [{"messages": [{"role": "user", "content": "hi"}]}], "params": {"temperature": 1e999}}',
+        400,
+        "temperature must be a finite number >= 0, got inf",
+    ),
+    "temperature not a number": (body(temperature="hot"), 400, "for 'temperature'"),
+    "top_p zero": (body(top_p=0.0), 400, "top_p must be in (0, 1], got 0.0"),
+    "top_p over one": (body(top_p=1.5), 400, "top_p must be in (0, 1], got 1.5"),
+    "negative seed": (body(seed=-1), 400, f"seed must be in 0..{2**63 - 1}, got -1"),
+    "seed too large": (body(seed=2**70), 400, f"seed must be in 0..{2**63 - 1}, got {2**70}"),
+    "unknown role": (
+        body([{"role": "wizard", "content": "hi"}]),
+        400,
+        "record 0, message 0: role 'wizard' is not one of system, user, assistant",
+    ),
+    "role not a string": (body([{"role": 5, "content": "hi"}]), 400, "schema for key `role`"),
+    "content not a string": (body([{"role": "user", "content": 5}]), 400, "schema for key `content`"),
+    "message not an object": (body(["hello"]), 400, "Expected data to be dictionary, got str"),
+    "unknown message field": (
+        body([{"role": "user", "content": "hi", "name": "x"}]),
+        400,
+        "Invalid properties not defined in the schema found: {'name'}",
+    ),
+    "params not an object": (
+        {"inputs": [{"messages": M}], "params": ["x"]},
+        400,
+        "Parameters must be a dictionary",
+    ),
 }
 
 
@@ -272,11 +307,39 @@ def test_bad_request_is_refused_with_a_clear_message_and_changes_nothing(server,
     content_type = "text/plain" if case == "unsupported content type" else "application/json"
     status, reply = post(server, body, content_type)
     assert status == code and message in reply, (status, reply[-2000:])
-    assert "Traceback" not in reply, "a refusal is a message, not a stack trace"
+    assert "Traceback" not in reply and "stack_trace" not in reply, (
+        "a refusal is a message, not a stack trace"
+    )
     status, reply = post(server, {"inputs": [{"messages": M}], "params": PARAMS})
     assert status == 200 and json.loads(reply)["predictions"] == local.predict(
         [{"messages": M}], params=PARAMS
     )
+
+
+CHAT_REFUSALS = {  # `pipeline chat` and predict_stream call the model without MLflow's schema check
+    "unknown role": ([{"role": "wizard", "content": "hi"}], {}, "message 0: role 'wizard' is not one of"),
+    "content not a string": ([{"role": "user", "content": 5}], {}, "message 0: content must be a string"),
+    "message not an object": (["hello"], {}, "message 0 must be an object with role and content"),
+    "unknown message field": (
+        [{"role": "user", "content": "hi", "name": "x"}],
+        {},
+        "message 0: unknown field(s) ['name']",
+    ),
+    "negative top_k": (M, {"top_k": -1}, "top_k must be >= 0"),
+    "top_k not an integer": (M, {"top_k": 2.5}, "top_k must be an integer, got 2.5"),
+    "temperature as bool": (M, {"temperature": True}, "temperature must be a number, got True"),
+    "top_p zero": (M, {"top_p": 0}, "top_p must be in (0, 1]"),
+    "NaN temperature": (M, {"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAT_REFUSALS))
+def test_streamed_chat_checks_every_field_with_the_same_error(local, case):
+    messages, params, message = CHAT_REFUSALS[case]
+    chat = local.unwrap_python_model()
+    with pytest.raises(ValueError) as refused:  # the model's RequestError: HTTP 400 when served
+        next(chat.stream_chat(messages, {"max_new_tokens": 4, **params}))
+    assert type(refused.value).__name__ == "RequestError" and message in str(refused.value)
 
 
 @pytest.mark.e2e

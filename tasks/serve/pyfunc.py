@@ -4,7 +4,9 @@
 safetensors checkpoint directory and tokenizer.json. A causal LM answers chat requests
 ({"messages": [...]} in, generated text out); a reward model scores the conversation instead.
 Requests are bounded: records per request, message count and size, and max_new_tokens; a request over
-a bound is refused (HTTP 400) with a message naming it, before any generation. The HTTP body itself is
+a bound is refused (HTTP 400) with a message naming it, before any generation. Every other field is
+checked the same way: roles, message types and fields, top_k (integer >= 0), temperature (finite >= 0),
+top_p (0, 1], seed (0..2**63-1); MLflow's schema check answers wrong JSON types first, also with 400. The HTTP body itself is
 read whole by the scoring server before these checks: beyond loopback, put a proxy with a body limit
 (e.g. nginx `client_max_body_size 1m`) in front.
 
@@ -28,6 +30,7 @@ N small and set OMP_NUM_THREADS=cores/N. `ChatModel.stream_chat` (used by `pipel
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -150,17 +153,49 @@ def _conversations(model_input: Any) -> list[list[dict[str, str]]]:
             raise RequestError(f"record {i}: 'messages' must be a non-empty list of {{role, content}}")
         if len(messages) > MAX_MESSAGES:
             raise RequestError(f"record {i}: {len(messages)} messages, more than the limit {MAX_MESSAGES}")
-        if sum(len(str(m.get("content", ""))) for m in messages) > MAX_CHARS:
+        out.append([_message(m, f"record {i}, message {j}") for j, m in enumerate(messages)])
+        if sum(len(m["content"]) for m in out[-1]) > MAX_CHARS:
             raise RequestError(f"record {i}: messages exceed {MAX_CHARS} characters")
-        out.append([{"role": str(m["role"]), "content": str(m["content"])} for m in messages])
     return out
 
 
-def _number(params: dict[str, Any], name: str, default: Any, kind: type) -> Any:
-    try:
-        return kind(params.get(name, default))
-    except (TypeError, ValueError):
-        raise RequestError(f"{name} must be a {kind.__name__}, got {params.get(name)!r}") from None
+def _message(m: Any, where: str) -> dict[str, str]:
+    """One {role, content} message, checked field by field (`pipeline chat` calls without MLflow's schema)."""
+    from tasks.data.chat_tokenizer import ROLES
+
+    if not isinstance(m, dict):
+        raise RequestError(f"{where} must be an object with role and content, got {type(m).__name__}")
+    extra = sorted(str(k) for k in set(m) - {"role", "content"})
+    if extra:
+        raise RequestError(f"{where}: unknown field(s) {extra}; a message has only role and content")
+    if m.get("role") not in ROLES:
+        raise RequestError(f"{where}: role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+    if not isinstance(m.get("content"), str):
+        raise RequestError(f"{where}: content must be a string, got {type(m.get('content')).__name__}")
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _param(params: dict[str, Any], name: str, default: Any) -> Any:
+    value = params.get(name, default)
+    return value.item() if hasattr(value, "item") else value  # numpy scalars from MLflow's param schema
+
+
+def _integer(params: dict[str, Any], name: str, default: int, low: int, high: int, bounds: str) -> int:
+    value = _param(params, name, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _real(params: dict[str, Any], name: str, default: float) -> float:
+    value = _param(params, name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 class ChatModel(PythonModel):
@@ -188,19 +223,23 @@ class ChatModel(PythonModel):
             raise ValueError("checkpoint and tokenizer artifacts come from different tokenizers")
 
     def _generation(self, params: dict[str, Any] | None) -> dict[str, Any]:
-        """Checked generation parameters: max_new_tokens (bounded), temperature, top_k, seed."""
+        """Checked generation parameters: max_new_tokens (bounded), temperature, top_k, top_p, seed."""
         params = params or {}
-        max_new = _number(params, "max_new_tokens", 64, int)
-        if not 0 < max_new <= MAX_NEW_TOKENS:
-            raise RequestError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new}")
-        temperature = _number(params, "temperature", 0.0, float)
-        if not temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {temperature}")
+        max_new = _integer(params, "max_new_tokens", 64, 1, MAX_NEW_TOKENS, f"in 1..{MAX_NEW_TOKENS}")
+        temperature = _real(params, "temperature", 0.0)
+        if not 0 <= temperature < math.inf:  # NaN fails too
+            raise RequestError(f"temperature must be a finite number >= 0, got {temperature}")
+        top_k = _integer(params, "top_k", 0, 0, 2**31 - 1, ">= 0 (0: off)")
+        top_p = _real(params, "top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+        seed = _integer(params, "seed", 0, 0, 2**63 - 1, f"in 0..{2**63 - 1}")
         return {
             "max_new_tokens": max_new,
             "temperature": temperature,
-            "top_k": _number(params, "top_k", 0, int) or None,
-            "seed": _number(params, "seed", 0, int),
+            "top_k": top_k or None,
+            "top_p": top_p if top_p < 1 else None,  # 1: no nucleus filtering
+            "seed": seed,
         }
 
     def _prompt(self, messages: list[dict[str, str]], max_new: int) -> list[int]:
@@ -222,6 +261,7 @@ class ChatModel(PythonModel):
             "max_new_tokens": gen["max_new_tokens"],
             "temperature": gen["temperature"],
             "top_k": gen["top_k"],
+            "top_p": gen["top_p"],
             "stop_tokens": [self.tokenizer.end_id, self.tokenizer.eos_id],
             "pad_id": self.tokenizer.pad_id,
             "generator": torch.Generator().manual_seed(gen["seed"]),

@@ -6,9 +6,11 @@ Prefect API for runs of the deployment (created from the UI, by its schedule, or
 One run at a time (`limit=1`): runs share the working tree and its params.yaml. For GPU nodes, use a
 Prefect work pool and workers instead (README: scale-out).
 
-`pipeline ui` starts `prefect server start` and `mlflow server` on the loopback interface, waits until
-both answer, prints their URLs and writes `.pipeline/ui.json`; while it runs, `pipeline` commands started
-in this directory use both servers (unless PREFECT_API_URL / MLFLOW_TRACKING_URI say otherwise).
+`pipeline ui` starts `prefect server start` and `mlflow server` on the loopback interface (CORS only for
+each server's own origin, Prefect's CSRF protection on), waits until both answer, prints their URLs and
+writes `.pipeline/ui.json` (mode 600); while it runs, `pipeline` commands started in this directory use
+both servers (unless PREFECT_API_URL / MLFLOW_TRACKING_URI say otherwise), if the file is the current
+user's, not group/world writable, names a live `pipeline ui` process and loopback URLs.
 Ctrl-C (SIGINT) or SIGTERM stops both and removes the file.
 """
 
@@ -18,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -75,13 +78,71 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # no /proc (macOS): ps prints the arguments joined by spaces
+        proc = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+        return proc.stdout.split()
+
+
+def _is_pipeline_ui(argv: list[str]) -> bool:
+    """`.../pipeline ui ...` or `python -m flows.cli ui ...`."""
+    return any(
+        (Path(a).name == "pipeline" or a == "flows.cli") and argv[i + 1 : i + 2] == ["ui"]
+        for i, a in enumerate(argv)
+    )
+
+
+def _loopback(url: Any) -> bool:
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(str(url)).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _untrusted(path: Path, state: Any) -> str | None:
+    """Why a ui.json must not steer this process (None: trust it)."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    keys = ("pid", "prefect_ui", "prefect_api_url", "mlflow_tracking_uri")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        return f"it does not hold {', '.join(keys)}"
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, OverflowError):
+        return f"its process {state['pid']} is not running (a stale file: remove it)"
+    if not _is_pipeline_ui(_command_line(int(state["pid"]))):
+        return f"its process {state['pid']} is not `pipeline ui`"
+    remote = [k for k in keys[1:] if not _loopback(state[k])]
+    if remote:
+        return f"{', '.join(f'{k}={state[k]}' for k in remote)} is not a loopback address"
+    return None
+
+
 def read_ui_state(root: Path | None = None) -> dict[str, Any] | None:
-    """The servers of a running `pipeline ui` in this directory, or None (no file, or its process is gone)."""
+    """The servers of a running `pipeline ui` in this directory, or None (no file, or a file not to trust:
+    another owner, group/world writable, its process gone or not `pipeline ui`, URLs off loopback; a
+    warning says which)."""
     path = (root or Path.cwd()) / UI_STATE
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
         state = json.loads(path.read_text())
-        os.kill(int(state["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
+        why = _untrusted(path, state)
+    except (OSError, ValueError) as exc:
+        why = f"it cannot be read ({exc})"
+    if why is not None:
+        print(f"pipeline: ignoring {path}: {why}", file=sys.stderr)
         return None
     return dict(state)
 
@@ -111,7 +172,17 @@ def run_ui(
             )
             return 2
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    prefect_url = f"http://{host}:{prefect_port}"
+    mlflow_url = f"http://{host}:{mlflow_port}"
+    env = dict(
+        os.environ,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        # A web page from another origin must not drive the API through the user's browser: CORS only
+        # for the UI's own origin, and a CSRF token (which Prefect's UI and client fetch) for any change.
+        PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS=prefect_url,
+        PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED="true",
+    )
     env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
     artifacts.mkdir(parents=True, exist_ok=True)
     commands = {
@@ -129,6 +200,8 @@ def run_ui(
             mlflow_store,
             "--default-artifact-root",
             artifacts.resolve().as_uri(),
+            "--cors-allowed-origins",
+            mlflow_url,
         ],
     }
     # Own process groups: Ctrl-C in the terminal reaches only this process, which then stops both cleanly.
@@ -136,8 +209,6 @@ def run_ui(
         what: subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         for what, cmd in commands.items()
     }
-    prefect_url = f"http://{host}:{prefect_port}"
-    mlflow_url = f"http://{host}:{mlflow_port}"
     health = {"Prefect": f"{prefect_url}/api/health", "MLflow": f"{mlflow_url}/health"}
     stop = {"signal": 0}
 
@@ -172,7 +243,10 @@ def run_ui(
             "mlflow_tracking_uri": mlflow_url,
         }
         state_path.parent.mkdir(exist_ok=True)
-        state_path.write_text(json.dumps(state, indent=2))
+        fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # readers trust it only when no one else can write it
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(state, indent=2))
         print(f"Prefect UI: {prefect_url}", flush=True)
         print(f"MLflow UI:  {mlflow_url}", flush=True)
         print(f"pipeline commands in {Path.cwd()} now use both ({UI_STATE}); elsewhere:", flush=True)

@@ -9,6 +9,10 @@ tokens/s counts generated tokens. Prints one JSON object: median, min and max pe
 per-round speedups, load average before and after, CPU model, torch threads.
 
     .venv/bin/python benchmarks/generation.py [--batch 16] [--new-tokens 32] [--rounds 5]
+
+On a CPU shared with other processes, OpenMP threads spinning at barriers stall whenever another process
+holds a core, and one-op-at-a-time decoding pays that per op: OMP_NUM_THREADS and OMP_WAIT_POLICY are
+recorded in the JSON next to the load average.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ def main() -> None:
                 "cpu": cpu_name(),
                 "torch_threads": torch.get_num_threads(),
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "load_average_before": load_before,
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
             }

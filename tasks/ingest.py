@@ -288,7 +288,7 @@ def run(params: Params, tracker: Any = None) -> dict[str, Any]:
         tmp.mkdir(parents=True)
         for dataset in paths.DATASETS:
             src: SourceConfig = getattr(cfg, dataset)
-            source = open_source(dataset, src, cfg.seed)
+            source = open_source(dataset, src, cfg.seed, cfg.max_chars)
             counts = ingest_dataset(dataset, source, cfg, tmp / f"{dataset}.parquet")
             summary[dataset] = counts.summary(source.description)
             dropped = {k: v for k, v in counts.dropped.items() if v}

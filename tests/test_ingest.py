@@ -333,3 +333,50 @@ def test_batch_dedup_keys_and_utf8_check_match_the_per_text_reference(tmp_path):
                 else:
                     with pytest.raises(StageError, match=re.escape(expected)):
                         textclean.check_utf8("pretrain", path, chunk=chunk)
+
+
+def test_a_large_txt_document_is_sized_before_it_is_read(tmp_path, monkeypatch):
+    """A .txt document longer than ingest.max_chars (4 bytes a character at most) is dropped as too_long
+    from its size, reading a bounded prefix, not the file; with no max_chars, one over the reader's
+    bound is an error naming the file, before it is read."""
+    for name, text in (("warm/a.txt", GOOD_1), ("warm/b.txt", GOOD_2), ("txt/a.txt", GOOD_2)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "txt" / "b.txt").write_text("word " * 10_000_000)  # 50 MB
+    # the first run in a process sets up readers and threads (~200 MB): measured on a warm-up run
+    cfgs = [{**small_chat_sources(tmp_path), "pretrain": files_source(tmp_path / d)} for d in ("warm", "txt")]
+    proc = subprocess.run(
+        [sys.executable, "-c", HUGE_LINE, json.dumps(cfgs)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_LOG_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, txt = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (txt["rows_in"], txt["rows_kept"], txt["dropped"]["too_long"]) == (2, 1, 1), txt
+    assert txt["peak_over_base_mb"] < 50 / 2, txt  # reading the 50 MB file whole would be >= 50 MB
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "MAX_TXT_BYTES", 1000)
+    (tmp_path / "txt" / "b.txt").write_text("word " * 400)  # 2000 bytes
+    with pytest.raises(StageError, match=r"dataset pretrain: .*b\.txt has 2000 bytes.*ingest\.max_chars"):
+        ingest.run(make_params({"pretrain": files_source(tmp_path / "txt"), "max_chars": 0}), None)
+
+
+def test_symlinks_out_of_a_source_directory_are_not_followed(tmp_path):
+    """Listing a source directory or glob skips files whose real path is outside that directory."""
+    outside = write_jsonl(tmp_path / "private" / "secret.jsonl", [{"text": GOOD_1}])
+    (tmp_path / "private" / "more").mkdir()
+    write_jsonl(tmp_path / "private" / "more" / "x.jsonl", [{"text": GOOD_2}])
+    corpus = tmp_path / "corpus"
+    own = write_jsonl(corpus / "own.jsonl", [{"text": GOOD_2}])
+    write_jsonl(corpus / "sub" / "inner.jsonl", [{"text": GOOD_2}])
+    (corpus / "leak.jsonl").symlink_to(outside)
+    (corpus / "linked").symlink_to(tmp_path / "private" / "more", target_is_directory=True)
+    (corpus / "alias.jsonl").symlink_to(own)  # a link that stays inside is an ordinary file
+    inside = {"own.jsonl", "sub/inner.jsonl", "alias.jsonl"}
+    for path in (str(corpus), f"{corpus}/**/*.jsonl", f"{corpus}/*.jsonl"):
+        found = {p.relative_to(corpus).as_posix() for p in sources.resolve_files("pretrain", path)}
+        expected = inside if "*.jsonl" not in path or "**" in path else inside - {"sub/inner.jsonl"}
+        assert found == expected, (path, found)

@@ -198,15 +198,30 @@ def assert_untouched(files: dict[Path, bytes]) -> None:
         assert path.read_bytes() == data, f"{path} was overwritten by a failed run"
 
 
+def edit_params(root: Path, key: str, value: object) -> None:
+    """Set one key of params.yaml by hand, as a user editing the file would (no `pipeline params`)."""
+    import yaml
+
+    data = yaml.safe_load((root / "params.yaml").read_text())
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 @pytest.mark.parametrize(
-    "override, message",
+    "key, value, message",
     [
-        ("pretrain.train.zero_stage=5", "pretrain.train.zero_stage=5 is not a ZeRO stage (0, 1, 2 or 3)"),
-        ("pretrain.seq_len=256", "pretrain.seq_len=256 exceeds model.max_seq_len=128"),
+        ("pretrain.train.zero_stage", 5, "pretrain.train.zero_stage=5 is not a ZeRO stage (0, 1, 2 or 3)"),
+        ("pretrain.seq_len", 256, "pretrain.seq_len=256 exceeds model.max_seq_len=128"),
     ],
 )
-def test_bad_train_config_fails_before_any_work(tmp_path, store, override, message):
-    make_workspace(tmp_path, [override])
+def test_bad_train_config_fails_before_any_work(tmp_path, store, key, value, message):
+    """`pipeline params` refuses these (tests/test_config.py); a hand-edited params.yaml stops the stage."""
+    make_workspace(tmp_path)
+    edit_params(tmp_path, key, value)
     files = make_outputs(tmp_path)
     proc = run_pretrain(tmp_path, store)
     assert proc.returncode == 1

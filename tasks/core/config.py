@@ -5,12 +5,21 @@
 (`conf/profiles/<profile>.yaml`), then `--set key=value` overrides. Any key that is not a field is an
 error that names it, at resolution time, before any stage runs.
 
+`check_params` holds every value check of every stage (ranges, known names, paths that stay inside
+their root, names that reach the registry); `resolve_params` and `load_params` run it, so a bad value
+stops `pipeline run` in seconds and a hand-edited params.yaml stops the stage before it works. Two
+fields are derived, never set by hand: `ingest.<dataset>.watch` and `evaluate.mmlu_watch`, the file or
+directory DVC hashes as that source (dvc.yaml deps interpolate them), so an edited local source re-runs
+the stages that read it.
+
 This module stays light (no torch): the CLI resolves and checks the whole file before work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +50,9 @@ class SourceConfig:
     split: str = "train"
     text_field: str = "text"  # pretrain text / sft "messages" / preference "prompt"
     streaming: bool = True
+    # derived from kind/path/hf_id by resolve_params, checked by load_params: what DVC hashes as this
+    # source (dvc.yaml: `${ingest.<dataset>.watch}`); see source_watch
+    watch: str = ""
 
 
 @dataclass
@@ -113,6 +125,9 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     log_every: int = 10
+    # resume state saved by a run with other params or inputs: restart (discard it, log what differs)
+    # or fail (stop, keep it); not part of the run's fingerprint
+    resume_mismatch: str = "restart"
 
 
 @dataclass
@@ -180,6 +195,7 @@ class AlertConfig:
 @dataclass
 class EvaluateConfig:
     mmlu_dir: str = "data/mmlu"  # original CSV layout (dev/ val/ test/); or hf:cais/mmlu
+    mmlu_watch: str = ""  # derived: what DVC hashes as the MMLU source (see mmlu_watch)
     mmlu_split: str = "val"
     k_shot: int = 5
     fewshot_policy: str = (
@@ -222,17 +238,32 @@ class Params:
 
 
 # ---------------------------------------------------------------------------------- strict building
+MESSAGE_VALUE_CHARS = 60  # a value shown in an error message is cut to this
+MAX_SET_CHARS = 4096  # one --set item
+
+
+def cut(text: str) -> str:
+    """text for an error message, cut so that a huge value cannot flood the message."""
+    return (
+        text if len(text) <= MESSAGE_VALUE_CHARS else text[:MESSAGE_VALUE_CHARS] + f"...<{len(text)} chars>"
+    )
+
+
+def show(value: Any) -> str:
+    return cut(repr(value))
+
+
 def _check_value(value: Any, tp: Any, where: str) -> Any:
     """Return value coerced to tp (int -> float allowed), or raise ConfigError naming `where`."""
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {show(value)}")
         return build(tp, value, where)
     if origin in (list, tuple):
         (item_tp,) = typing.get_args(tp)[:1]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {show(value)}")
         return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -247,9 +278,9 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {show(value)}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {show(value)}")
     return value
 
 
@@ -260,8 +291,9 @@ def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
+        listed = ", ".join(cut(prefix + str(k)) for k in unknown[:5])
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"unknown config key(s) {listed}; "
             f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
         )
     kwargs = {k: _check_value(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
@@ -281,12 +313,27 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _plain_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load without anchors or aliases (an alias bomb expands to billions of items when the
+    value is walked); any YAML error is a ConfigError naming `where`."""
+    try:
+        for token in yaml.scan(text):
+            if isinstance(token, yaml.AnchorToken | yaml.AliasToken):
+                raise ConfigError(f"{where}: YAML anchors and aliases (&, *) are not allowed in a value")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not a YAML value ({cut(problem)}); quote it") from None
+
+
 def parse_override(item: str) -> dict[str, Any]:
     """'pretrain.train.max_steps=2000' -> {'pretrain': {'train': {'max_steps': 2000}}} (YAML-typed value)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. pretrain.train.max_steps=2000")
+        raise ConfigError(f"--set {show(item)}: expected key=value, e.g. pretrain.train.max_steps=2000")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    if len(item) > MAX_SET_CHARS:
+        raise ConfigError(f"--set {cut(key)}: {len(item)} characters, more than {MAX_SET_CHARS}")
+    value = _plain_yaml(raw, f"--set {key}") if raw != "" else ""
     node: dict[str, Any] = {}
     cursor = node
     parts = key.strip().split(".")
@@ -302,17 +349,38 @@ def list_profiles() -> list[str]:
 
 
 def resolve_params(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Defaults + conf/profiles/<profile>.yaml + overrides, strictly checked."""
+    """Defaults + conf/profiles/<profile>.yaml + overrides, strictly checked, derived fields filled in."""
     path = PROFILES_DIR / f"{profile}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown profile {profile!r}: no {path}; available: {', '.join(list_profiles())}")
     overlay = yaml.safe_load(path.read_text()) or {}
     merged = deep_merge(dataclasses.asdict(Params()), overlay)
     merged["profile"] = profile
+    given: dict[str, Any] = overlay
     for item in overrides:
-        merged = deep_merge(merged, parse_override(item))
+        parsed = parse_override(item)
+        merged, given = deep_merge(merged, parsed), deep_merge(given, parsed)
+    from tasks.core import checks  # checks imports this module's dataclasses
+
+    if not re.fullmatch(checks.NAME, profile):
+        raise ConfigError(f"--profile {show(profile)}: a profile is a name in {PROFILES_DIR} ({checks.NAME})")
+    for key in [*checks.derived(Params()), "model.vocab_size"]:
+        section, *rest = key.split(".")
+        node = given.get(section)
+        for part in rest[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and rest[-1] in node:
+            why = (
+                "pretrain sets it from the trained tokenizer (rounded up to a multiple of 64): "
+                "set tokenizer.vocab_size"
+                if key == "model.vocab_size"
+                else "it is derived from the source's path (what DVC hashes)"
+            )
+            raise ConfigError(f"{key} cannot be set ({show(node[rest[-1]])} given): {why}")
     try:
-        return build(Params, merged)
+        params = checks.with_derived(build(Params, merged))
+        checks.check_params(params)
+        return params
     except ConfigError as exc:
         raise ConfigError(f"{exc} (profile {path.name} or --set)") from exc
 
@@ -328,11 +396,25 @@ def dump_params(params: Params, path: Path) -> None:
 
 
 def load_params(path: Path | None = None) -> Params:
+    """params.yaml, strictly built and checked (check_params), derived fields included."""
+    from tasks.core import checks
+
     path = path or Path("params.yaml")
     if not path.exists():
         raise ConfigError(f"{path} not found: run `pipeline run --profile cpu` (or tiny/gpu) to create it")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-        return build(Params, data)
+        data = _plain_yaml(path.read_text(), str(path)) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a mapping, got {type(data).__name__}")
+        params = build(Params, data)
+        checks.check_params(params)
+        for key, value in checks.derived(params).items():
+            if functools.reduce(getattr, key.split("."), params) != value:
+                raise ConfigError(
+                    f"{key}={show(functools.reduce(getattr, key.split('.'), params))} does not match its "
+                    f"source ({show(value)} expected: DVC hashes this path to see source edits); "
+                    "run `pipeline params` again or set it to that value"
+                )
+        return params
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

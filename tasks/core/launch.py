@@ -26,24 +26,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tasks.core.checks import check_train_config  # the one place for train config checks
 from tasks.core.config import ConfigError, Params, TrainConfig, load_params
 from tasks.core.stage import StageError, setup_logging, stage_main
 
 log = logging.getLogger(__name__)
-
-ZERO_STAGES = (0, 1, 2, 3)
-
-
-def check_train_config(cfg: TrainConfig, where: str = "train") -> None:
-    """ConfigError naming the key for values the loop cannot run with (checked before anything starts)."""
-    if cfg.zero_stage not in ZERO_STAGES:
-        raise ConfigError(f"{where}.zero_stage={cfg.zero_stage} is not a ZeRO stage (0, 1, 2 or 3)")
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "world_size"):
-        value = getattr(cfg, key)
-        if value <= 0:
-            raise ConfigError(f"{where}.{key} must be positive, got {value}")
-    if cfg.log_every <= 0:
-        raise ConfigError(f"{where}.log_every must be positive, got {cfg.log_every}")
 
 
 def rank() -> int:

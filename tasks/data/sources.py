@@ -7,6 +7,7 @@ that is missing or not a string column.
 
 import glob
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from tasks.core import paths
+from tasks.core.checks import glob_dir
 from tasks.core.config import Params, SourceConfig
 from tasks.core.stage import StageError
 from tasks.data.textclean import check_utf8
@@ -22,24 +24,41 @@ from tasks.data.textclean import check_utf8
 log = logging.getLogger("tasks.ingest")
 
 FILE_KINDS = {".txt": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> reader
+MAX_TXT_BYTES = 1 << 30  # a .txt document read whole (no ingest.max_chars) is at most this large
 
 
 def resolve_files(dataset: str, path: str) -> list[Path]:
-    """A file, a directory (all supported files below it) or a glob -> sorted files; StageError if none."""
+    """A file, a directory (all supported files below it) or a glob -> sorted files; StageError if none.
+    Listing a directory or a glob does not follow symlinks out of the directory (the glob's part before
+    its first wildcard): such files are skipped and named in a warning."""
     supported = sorted(FILE_KINDS)
     if not path:
         raise StageError(f"dataset {dataset}: source kind 'files' needs ingest.{dataset}.path")
     if any(ch in path for ch in "*?["):
+        root = glob_dir(path) or "."
         files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
     elif Path(path).is_dir():
+        root = path
         found = Path(path).rglob("*")
         files = sorted(
             p for p in found if p.is_file() and p.suffix in supported and not p.name.startswith(".")
         )
     elif Path(path).is_file():
-        files = [Path(path)]
+        root, files = "", [Path(path)]  # a file named in params is read wherever a link takes it
     else:
         raise StageError(f"dataset {dataset}: source path {path!r} does not exist (ingest.{dataset}.path)")
+    if root:
+        real_root = os.path.realpath(root)
+        outside = [p for p in files if not os.path.realpath(p).startswith(real_root + os.sep)]
+        if outside:
+            log.warning(
+                "dataset %s: skipping %d file(s) linked from outside %s, e.g. %s",
+                dataset,
+                len(outside),
+                root,
+                ", ".join(str(p) for p in outside[:3]),
+            )
+            files = [p for p in files if p not in outside]
     if not files:
         raise StageError(f"dataset {dataset}: source path {path!r} matches no {supported} file")
     kinds = {_file_kind(dataset, p) for p in files}
@@ -58,9 +77,23 @@ def _file_kind(dataset: str, p: Path) -> str:
     return FILE_KINDS[p.suffix]
 
 
-def _txt_rows(dataset: str, files: list[Path]) -> Iterator[dict]:
+def _txt_rows(dataset: str, files: list[Path], max_chars: int) -> Iterator[dict]:
+    """One row per file. A file of more than 4 * max_chars bytes has more than max_chars characters
+    (UTF-8 uses at most 4 bytes a character): only that many bytes are read, enough for the length
+    filter to drop it as too_long. With no max_chars, a file over MAX_TXT_BYTES is an error."""
     for p in files:
-        check_utf8(dataset, p)
+        check_utf8(dataset, p)  # streamed in blocks: bad bytes anywhere fail the source, as before
+        size = p.stat().st_size
+        if max_chars and size > 4 * max_chars:
+            with open(p, "rb") as fh:
+                head = fh.read(4 * max_chars + 4)
+            yield {"text": head.decode("utf-8", errors="ignore"), "source": p.as_posix()}
+            continue
+        if size > MAX_TXT_BYTES:
+            raise StageError(
+                f"dataset {dataset}: {p} has {size} bytes, more than the {MAX_TXT_BYTES} a document may "
+                "have to be read whole; set ingest.max_chars to drop documents that long, or split it"
+            )
         yield {"text": p.read_bytes().decode("utf-8"), "source": p.as_posix()}
 
 
@@ -91,7 +124,7 @@ class Source:
     dataset: Any = None  # the `datasets` object rows come from (read as arrow batches where it can be)
 
 
-def open_source(dataset: str, src: SourceConfig, seed: int) -> Source:
+def open_source(dataset: str, src: SourceConfig, seed: int, max_chars: int = 0) -> Source:
     from tasks.data import embedded
 
     if src.kind == "embedded":
@@ -107,7 +140,7 @@ def open_source(dataset: str, src: SourceConfig, seed: int) -> Source:
                 raise StageError(
                     f"dataset {dataset}: txt files hold plain text; {dataset} needs jsonl or parquet"
                 )
-            return Source(_txt_rows(dataset, files), desc, "text")
+            return Source(_txt_rows(dataset, files, max_chars), desc, "text")
         if kind == "json":
             for p in files:
                 check_utf8(dataset, p)

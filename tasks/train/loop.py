@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from tasks.core.checks import check_train_config
 from tasks.core.config import TrainConfig
 from tasks.core.io import atomic_path, write_json
-from tasks.core.launch import check_train_config
 from tasks.train.distributed import (
     deepspeed_config,
     effective_zero_stage,

@@ -6,8 +6,14 @@ should not pay torch's import time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+# RoPE types the model implements. "default" is plain RoPE; "llama3" is Llama 3.1's frequency rescaling
+# (low frequencies divided by `factor`, a smooth ramp between low_freq_factor and high_freq_factor).
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -22,6 +28,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Fields for imported open models (models/hf.py). Their defaults are today's model, and to_dict() leaves
+    # a field out while it holds its default, so configs and checkpoints written before them stay
+    # byte-identical.
+    attn_head_dim: int = 0  # 0 -> d_model // n_head; Qwen3 sets it (head_dim * n_head may differ from D)
+    qkv_bias: bool = False  # bias on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's channels of q and k, before RoPE (Qwen3)
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3", factor, ...}; None = plain RoPE
 
     def __post_init__(self) -> None:
         self.validate()
@@ -41,10 +54,17 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-        if self.d_model % self.n_head != 0:
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        hd = self.attn_head_dim
+        if isinstance(hd, bool) or not isinstance(hd, int) or hd < 0:
+            raise ValueError(
+                f"ModelConfig.attn_head_dim must be a non-negative integer (0 = d_model / n_head), got {hd!r}"
+            )
+        if self.attn_head_dim == 0 and self.d_model % self.n_head != 0:
             raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        check_rope_scaling(self.rope_scaling)
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(
                 f"ModelConfig.n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} "
@@ -58,7 +78,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.attn_head_dim or self.d_model // self.n_head
 
     @property
     def ffn_dim(self) -> int:
@@ -74,7 +94,12 @@ class ModelConfig:
         return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, except the open-model fields while they hold their defaults (see above)."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.name in OPTIONAL_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -83,3 +108,35 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig keys: {unknown} (known: {sorted(known)})")
         return cls(**d)
+
+
+OPTIONAL_FIELDS = ("attn_head_dim", "qkv_bias", "qk_norm", "rope_scaling")
+
+
+def check_rope_scaling(rope: Any) -> None:
+    """ValueError naming the key unless rope is None, {"rope_type": "default"} or a complete llama3 dict."""
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise ValueError(f"ModelConfig.rope_scaling must be a mapping or null, got {rope!r}")
+    kind = rope.get("rope_type")
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"ModelConfig.rope_scaling.rope_type={kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    expected = {"rope_type", *LLAMA3_ROPE_KEYS} if kind == "llama3" else {"rope_type"}
+    missing, unknown = sorted(expected - set(rope)), sorted(set(rope) - expected)
+    if missing or unknown:
+        raise ValueError(
+            f"ModelConfig.rope_scaling for rope_type={kind!r}: missing keys {missing}, unknown keys {unknown}"
+        )
+    for key in LLAMA3_ROPE_KEYS if kind == "llama3" else ():
+        value = rope[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"ModelConfig.rope_scaling.{key} must be a positive number, got {value!r}")
+    if kind == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
+        raise ValueError(
+            "ModelConfig.rope_scaling.high_freq_factor must exceed low_freq_factor "
+            f"(got {rope['high_freq_factor']} and {rope['low_freq_factor']})"
+        )

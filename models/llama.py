@@ -5,7 +5,8 @@
 Conventions are Hugging Face Llama's, so models/hf.py exports weights by renaming alone:
 - RoPE uses the non-interleaved "rotate_half" layout (channel i pairs with channel i + head_dim/2).
 - RMSNorm normalises in float32 and multiplies the weight after casting back, as HF does.
-- Linear layers have no bias.
+- Linear layers have no bias, except q/k/v with config.qkv_bias (Qwen2).
+- Optional per-head q/k RMSNorm before RoPE (config.qk_norm, Qwen3) and Llama 3 RoPE scaling.
 
 Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, Hd head_dim, V vocab.
 """
@@ -35,13 +36,35 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Inverse frequencies [Hd/2] in float32: plain RoPE, or Llama 3.1's rescaling when
+    scaling["rope_type"] == "llama3" (as transformers' _compute_llama3_parameters): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, shorter than
+    .../high_freq_factor kept, and those between interpolated smoothly."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is None or scaling.get("rope_type", "default") == "default":
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B, T, Hd] for integer positions [B, T], computed in float32.
 
     Computed per forward instead of stored as a buffer: a buffer would be cast by model.to(bfloat16) and
     bf16 angles are visibly wrong at large positions. The cost, B*T*Hd elements, is negligible.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # [B, T, Hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Hd]: the same angle for channels i and i + Hd/2
     return emb.cos(), emb.sin()
@@ -89,10 +112,14 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        bias = config.qkv_bias  # Qwen2: q, k, v have a bias, o does not
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        # Qwen3: one RMSNorm over the Hd channels of every q and k head (weights shared across heads)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -104,8 +131,11 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, Hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # [B, T, H, Hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, K, Hd]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Hd], [B, K, T, Hd]
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -297,7 +327,8 @@ class Transformer(nn.Module):
                 )
             positions, mask = padding_positions_and_mask(attention_mask, start)
 
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # [B, T, Hd]
+        c = self.config
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, Hd]
         x = self.embed(tokens)  # [B, T, D]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)

@@ -99,13 +99,13 @@ def test_hf_export_tokenizer_loads_with_autotokenizer(tmp_path: Path) -> None:
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
 
 
-def test_import_hf_rejects_non_llama(tmp_path: Path) -> None:
+def test_import_hf_rejects_unsupported_families(tmp_path: Path) -> None:
     export_hf(tiny_model(), tmp_path / "hf")
     cfg_path = tmp_path / "hf" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="only Llama"):
+    with pytest.raises(ValueError, match="model_type='gpt2'.*not supported; supported: llama"):
         import_hf(tmp_path / "hf")
 
 

@@ -392,7 +392,9 @@ def dump_params(params: Params, path: Path) -> None:
         "# Active configuration, resolved by `pipeline run --profile P --set k=v`.\n"
         "# DVC tracks it key by key; edit it and `dvc repro` re-runs what depends on the change.\n"
     )
-    atomic_write_text(path, header + yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    data = dataclasses.asdict(params)
+    data["model"] = params.model.to_dict()  # the open-model fields only when set (models/config.py)
+    atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
 
 
 def load_params(path: Path | None = None) -> Params:

@@ -487,6 +487,8 @@ def test_replay_reproduces_the_registered_weights(runs, project, env):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    plan = proc.stdout.index("will run, in a worktree of")  # the verified plan, printed before it runs
+    assert plan < proc.stdout.index("+ git worktree add --detach -- ")
     assert "replay: weights match the registered version" in proc.stdout
     report = json.loads(proc.stdout[proc.stdout.index("\n{\n") : proc.stdout.rindex("\n}") + 2])
     assert report["weights_match"] and report["inputs_differ"] == []

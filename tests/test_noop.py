@@ -101,31 +101,49 @@ def test_commands_between_runs_leave_dvc_up_to_date(built, tmp_path):
         for p in sorted((project / package).rglob("*.py"))
         if p.name != "__init__.py"
     ]
-    run(
-        [python, "-c", "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]", *modules],
-        project,
-        env,
-    )
-    assert (project / "models/__pycache__").is_dir()
-    for scratch in (
-        "models/.llama.py.swp",
-        "models/llama.py~",
-        "tasks/.#ingest.py",
-        "data/checkpoints/.DS_Store",
-    ):
-        (project / scratch).write_text("editor scratch\n")
-    run([python, "-m", "flows.cli", "params", "--profile", PROFILE], project, env)
-    run([python, "-m", "flows.cli", "stages"], project, env)
-    run(
-        [python, "-m", "flows.cli", "export", "pipeline-sft@champion", str(tmp_path / "export")], project, env
-    )
-    run(
-        [python, "-m", "flows.cli", "chat", "pipeline-sft@champion", "--max-new-tokens", "4"],
-        project,
-        env,
-        stdin="What does json.dumps do?\n",
-    )
-    start_and_stop_ui(project, env)
+    import_all = [python, "-c", "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"]
+
+    def editor_scratch() -> None:
+        for scratch in (
+            "models/.llama.py.swp",
+            "models/llama.py~",
+            "tasks/.#ingest.py",
+            "data/checkpoints/.DS_Store",
+        ):
+            (project / scratch).write_text("editor scratch\n")
+
+    steps = [
+        ("importing every module", lambda: run([*import_all, *modules], project, env)),
+        ("editor swap and backup files", editor_scratch),
+        (
+            "pipeline params (same profile)",
+            lambda: run([python, "-m", "flows.cli", "params", "--profile", PROFILE], project, env),
+        ),
+        ("pipeline stages", lambda: run([python, "-m", "flows.cli", "stages"], project, env)),
+        (
+            "pipeline export",
+            lambda: run(
+                [python, "-m", "flows.cli", "export", "pipeline-sft@champion", str(tmp_path / "export")],
+                project,
+                env,
+            ),
+        ),
+        (
+            "pipeline chat",
+            lambda: run(
+                [python, "-m", "flows.cli", "chat", "pipeline-sft@champion", "--max-new-tokens", "4"],
+                project,
+                env,
+                stdin="What does json.dumps do?\n",
+            ),
+        ),
+        ("pipeline ui started and stopped", lambda: start_and_stop_ui(project, env)),
+    ]
+    for name, action in steps:
+        action()
+        status = run(["dvc", "status"], project, env)
+        assert "Data and pipelines are up to date" in status, f"after {name}, dvc status reports:\n{status}"
+    assert (project / "models/__pycache__").is_dir()  # the caches were written, and DVC ignored them
     dvc_is_clean(project, env)
 
 

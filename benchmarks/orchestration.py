@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import cpu_name as cpu_model  # noqa: E402
 from flows.deploy import free_port  # noqa: E402
-from tests.project import make_project  # noqa: E402
+from tests.helpers.project import make_project  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:

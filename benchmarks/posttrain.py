@@ -30,14 +30,14 @@ from benchmarks.machine import cpu_name  # noqa: E402
 
 
 def setup(root: Path, args: argparse.Namespace) -> None:
-    """A tiny-data workspace (tests/workspace.py) with a random base/sft model of the benchmark's size."""
+    """A tiny-data workspace (tests/helpers/workspace.py) with a random base/sft model of the benchmark's size."""
     import torch
 
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.llama import Transformer
     from tasks.data.chat_tokenizer import ChatTokenizer
-    from tests.workspace import make_workspace
+    from tests.helpers.workspace import make_workspace
 
     make_workspace(root, pairs=args.pairs)
     tok = ChatTokenizer.load(root / "data/tokenizer/tokenizer.json")

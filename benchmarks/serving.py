@@ -1,7 +1,7 @@
 """Serving latency under load: `mlflow models serve` of a registered chat model on loopback.
 
 A random model of the cpu profile's shape by default (4 layers, d=256, ctx 256; the tokenizer of
-tests/workspace.py) is logged and registered through tasks/core/tracking.py into a temp sqlite store and served
+tests/helpers/workspace.py) is logged and registered through tasks/core/tracking.py into a temp sqlite store and served
 with `mlflow models serve --env-manager local -h 127.0.0.1`. Special-token embeddings are zeroed, so greedy
 decoding never stops early and every request generates exactly --max-new-tokens tokens.
 
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from tests.servers import serve_model, stop_server  # noqa: E402
+from tests.helpers.servers import serve_model, stop_server  # noqa: E402
 
 CONFIGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -56,7 +56,7 @@ def register(root: Path, layers: int, d_model: int) -> str:
     from models.llama import Transformer
     from tasks.core import tracking
     from tasks.data.chat_tokenizer import ChatTokenizer
-    from tests.workspace import make_workspace
+    from tests.helpers.workspace import make_workspace
 
     make_workspace(root)
     tokenizer_json = root / "data/tokenizer/tokenizer.json"

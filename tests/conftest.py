@@ -47,7 +47,7 @@ def data_workspace(tmp_path_factory) -> Path:
     """One full small data run (embedded data -> ingest -> validate -> tokenizer -> encode), made once per
     session and copied per test by `ws`."""
     from tasks import encode, ingest, tokenizer, validate
-    from tests.datahelpers import make_params
+    from tests.helpers.datahelpers import make_params
 
     root = tmp_path_factory.mktemp("data-workspace")
     mp = pytest.MonkeyPatch()
@@ -74,6 +74,6 @@ def ws(data_workspace, tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def bpe(tmp_path_factory):
     """A byte-level BPE tokenizer (vocab 1000) trained on the vendored MMLU dev text."""
-    from tests.evalhelpers import train_tokenizer
+    from tests.helpers.evalhelpers import train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", 1000)

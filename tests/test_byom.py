@@ -14,7 +14,7 @@ import torch
 from models.checkpoint import CheckpointError, state_dict_hash
 from models.config import ModelConfig
 from models.hf import export_hf, import_hf
-from tests.hfmodels import FAMILIES, hf_logits, hf_model, reload_logits, save_hf
+from tests.helpers.hfmodels import FAMILIES, hf_logits, hf_model, reload_logits, save_hf
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tasks.core import stages
-from tests.project import make_project
+from tests.helpers.project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = list(stages.STAGES)

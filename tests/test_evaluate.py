@@ -21,7 +21,7 @@ from models.llama import Transformer
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.eval import mmlu_data, perplexity
-from tests.evalhelpers import MMLU_DIR, SUBJECTS, needs_mmlu, tiny_model
+from tests.helpers.evalhelpers import MMLU_DIR, SUBJECTS, needs_mmlu, tiny_model
 
 
 # ------------------------------------------------------------------------------------------- perplexity

@@ -19,7 +19,7 @@ import pytest
 from tasks import ingest, validate
 from tasks.core.stage import StageError
 from tasks.data import embedded, sources, textclean
-from tests.datahelpers import (
+from tests.helpers.datahelpers import (
     REPO,
     files_source,
     make_params,

@@ -1,6 +1,6 @@
 """Local sources are DVC deps: editing a source file, a file in a source directory or a file a glob
 matches makes `dvc status` report ingest changed, and `dvc repro` re-runs it; the same holds for a
-local MMLU directory and evaluate. A real DVC repo (tests/project.py) runs ingest and validate only.
+local MMLU directory and evaluate. A real DVC repo (tests/helpers/project.py) runs ingest and validate only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.project import make_project
+from tests.helpers.project import make_project
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tasks.eval import mmlu, mmlu_data
-from tests.evalhelpers import MMLU_DIR, SUBJECTS, hf_twin, needs_mmlu, tiny_model, train_tokenizer
+from tests.helpers.evalhelpers import MMLU_DIR, SUBJECTS, hf_twin, needs_mmlu, tiny_model, train_tokenizer
 
 
 def reference_prompt(item: mmlu_data.MMLUItem, shots: list[mmlu_data.MMLUItem]) -> str:

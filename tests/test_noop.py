@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import free_port
-from tests.project import make_project
+from tests.helpers.project import make_project
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,7 @@ import pytest
 
 from flows.deploy import free_port
 from tasks.core import stages
-from tests.project import make_project
+from tests.helpers.project import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 # Every stage but register: the gating test makes register fail, so these are the ones that complete.

@@ -30,8 +30,8 @@ from tasks.core.config import load_params
 from tasks.core.stage import StageError
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer, TokenizerMismatch
-from tests.posttrain_data import make_embedded_workspace
-from tests.workspace import make_workspace
+from tests.helpers.posttrain_data import make_embedded_workspace
+from tests.helpers.workspace import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 

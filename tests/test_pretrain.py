@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.workspace import make_workspace
+from tests.helpers.workspace import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 

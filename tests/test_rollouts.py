@@ -11,7 +11,7 @@ from models.heads import ScalarHeadModel
 from models.llama import Transformer
 from tasks.core.stage import StageError
 from tasks.train import rollouts
-from tests.evalhelpers import tiny_model
+from tests.helpers.evalhelpers import tiny_model
 
 STOP, PAD = (5, 6), 0
 PROMPTS = [[1, 9, 10, 11], [1, 12, 13, 14, 15, 16], [1, 17, 18]]

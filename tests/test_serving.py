@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.servers import serve_model, stop_server
-from tests.workspace import make_workspace
+from tests.helpers.servers import serve_model, stop_server
+from tests.helpers.workspace import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "serving-test"

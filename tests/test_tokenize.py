@@ -17,7 +17,7 @@ from tasks.core.config import Params, build
 from tasks.core.stage import StageError
 from tasks.data.chat_tokenizer import ChatTokenizer, TokenizerMismatch
 from tasks.data.shards import check_tokens, load_shard, token_dtype
-from tests.datahelpers import (
+from tests.helpers.datahelpers import (
     REPO,
     make_params,
     sha,

@@ -13,7 +13,7 @@ import pytest
 from tasks.core.config import TrainConfig
 from tasks.train.distributed import deepspeed_config
 from tasks.train.loop import lr_multiplier
-from tests.workspace import make_workspace
+from tests.helpers.workspace import make_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 

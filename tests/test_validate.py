@@ -15,7 +15,7 @@ from tasks import ingest, validate
 from tasks.core.config import ConfigError
 from tasks.core.stage import StageError
 from tasks.data.gx_batches import gx_context
-from tests.datahelpers import (
+from tests.helpers.datahelpers import (
     make_params,
     sha,
     tree_hashes,

@@ -1,6 +1,6 @@
 """Post-training data from the embedded default source, for stage tests that must learn a real signal.
 
-`tests/workspace.py` writes synthetic pairs whose rejected answer is gibberish ("zq xv 123 kk") and a
+`tests/helpers/workspace.py` writes synthetic pairs whose rejected answer is gibberish ("zq xv 123 kk") and a
 tokenizer trained on one package's code: enough to check code paths, far too easy to show learning.
 `make_embedded_workspace` swaps in what `make run` trains on: a tokenizer trained as the tokenizer stage
 trains it on the embedded pretraining text, and the conversations and preference pairs that
@@ -23,7 +23,7 @@ from tasks.core import paths
 from tasks.core.config import load_params
 from tasks.data import embedded
 from tasks.tokenizer import save_tokenizer, special_tokens, train_tokenizer
-from tests.workspace import make_workspace
+from tests.helpers.workspace import make_workspace
 
 
 def write_embedded_chat_data(root: Path, sft_rows: int, pairs: int, seed: int = 1337) -> Counter[str]:

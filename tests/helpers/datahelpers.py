@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tasks.core.config import Params, build
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL_INGEST = {"max_documents": 60, "max_sft_examples": 20, "max_preference_pairs": 20}
 
 

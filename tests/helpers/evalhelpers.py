@@ -11,7 +11,7 @@ from models.config import ModelConfig
 from models.llama import Transformer
 from tasks.data.chat_tokenizer import ChatTokenizer
 
-MMLU_DIR = Path(__file__).resolve().parents[1] / "data" / "mmlu"  # the vendored copy of shared/mmlu
+MMLU_DIR = Path(__file__).resolve().parents[2] / "data" / "mmlu"  # the vendored copy of shared/mmlu
 SUBJECTS = ["abstract_algebra", "anatomy", "world_religions"]
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 needs_mmlu = pytest.mark.skipif(not (MMLU_DIR / "val").is_dir(), reason=f"no MMLU data at {MMLU_DIR}")

@@ -1,0 +1,1 @@
+"""Shared test helpers: workspaces, data, tiny models, DVC projects, servers."""

@@ -34,10 +34,12 @@ PARAMS_ARTIFACT = "lineage/params.yaml"  # in the register run: the full params.
 
 
 def lineage(name: str) -> dict[str, str]:
-    """dvc.lock hashes of the inputs and output of the stage that produced this checkpoint."""
+    """dvc.lock hashes of the inputs and output of the stage that produced this checkpoint; without a
+    dvc.lock (stages run by hand) the version says so (`lineage.dvc_lock: missing`) instead of carrying none."""
     lock_path = Path("dvc.lock")
     if not lock_path.exists():
-        return {}
+        log.warning("no dvc.lock: %s is registered without the hashes of its inputs", name)
+        return {"lineage.dvc_lock": "missing"}
     stage = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stages.model_stage(name).stage, {})
     tags = {}
     for kind in ("deps", "outs"):
@@ -67,10 +69,22 @@ def scores_from_tags(tags: dict[str, str]) -> dict[str, float]:
     return scores
 
 
-def gate(new: dict[str, float], champion: dict[str, float], cfg: RegisterConfig) -> tuple[bool, str]:
-    """Does a candidate with scores `new` replace the champion with scores `champion`?"""
-    if not champion:
+GATED = ("mmlu/acc", "ppl/val")  # the scores the champion gate compares
+
+
+def gate(new: dict[str, float], champion: dict[str, float] | None, cfg: RegisterConfig) -> tuple[bool, str]:
+    """Does a candidate with scores `new` replace the champion with scores `champion` (None: no champion)?
+
+    Each gated score the champion has must be in the candidate (an unevaluated candidate never replaces an
+    evaluated champion) and within its margin: MMLU drop <= max_mmlu_drop, perplexity rise <=
+    max_ppl_increase (equal scores pass). When neither has a gated score (the reward model, which evaluate
+    does not score) the newer version wins, and the decision says so.
+    """
+    if champion is None:
         return True, "no champion yet"
+    missing = [k for k in GATED if k in champion and k not in new]
+    if missing:
+        return False, "candidate has no " + ", ".join(f"{k} (champion {champion[k]:.4f})" for k in missing)
     reasons, ok = [], True
     if "mmlu/acc" in new and "mmlu/acc" in champion:
         drop = champion["mmlu/acc"] - new["mmlu/acc"]
@@ -88,7 +102,11 @@ def gate(new: dict[str, float], champion: dict[str, float], cfg: RegisterConfig)
             f"ppl/val {new['ppl/val']:.3f} vs {champion['ppl/val']:.3f} "
             f"(rise {rise:+.2%} {'<=' if passed else '>'} {cfg.max_ppl_increase:.0%})"
         )
-    return ok, "; ".join(reasons) or "no comparable metrics"
+    if not reasons:
+        if any(k in new for k in GATED):
+            return True, "the champion has no gated metrics"
+        return True, "no gated metrics on either version: the newer one wins"
+    return ok, "; ".join(reasons)
 
 
 def promote(registered: str, version: str, scores: dict[str, float], cfg: RegisterConfig) -> tuple[bool, str]:
@@ -97,8 +115,7 @@ def promote(registered: str, version: str, scores: dict[str, float], cfg: Regist
     The decision and the figures it was made on go on the version as `champion.decision`.
     """
     champion = tracking.version_by_alias(registered, "champion")
-    champion_scores = scores_from_tags(champion.tags if champion else {})
-    ok, reason = gate(scores, champion_scores, cfg)
+    ok, reason = gate(scores, scores_from_tags(champion.tags) if champion else None, cfg)
     if champion is not None:
         reason = f"vs champion v{champion.version}: {reason}"
     decision = ("promoted: " if ok else "kept previous champion: ") + reason
@@ -152,6 +169,16 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
 
 
 def run(params: Params, tracker: Any) -> dict[str, Any]:
+    # Every model or none: a missing checkpoint is named before the first version is registered.
+    missing = [
+        str(paths.checkpoint(n))
+        for n in stages.models()
+        if not any(paths.checkpoint(n).glob("*.safetensors"))
+    ]
+    if missing:
+        raise StageError(
+            f"no checkpoint in {', '.join(missing)}; run the stages before register (nothing registered)"
+        )
     params_file = Path("params.yaml")
     # The params.yaml (secrets redacted) with its sha256 stored beside it: replay checks both and the tags.
     params_sha256 = tracker.log_params_file(params_file, PARAMS_ARTIFACT)

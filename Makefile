@@ -30,8 +30,10 @@ run: setup
 repro: setup
 	$(BIN)/dvc repro
 
+# In a shuffled order (pytest-randomly: modules, then the tests in each), the seed printed first and last;
+# `-p randomly` fails if the plugin is missing rather than silently running in file order.
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -p randomly
 
 test-fast: setup
 	$(BIN)/pytest -m "not e2e"

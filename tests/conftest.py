@@ -77,3 +77,25 @@ def bpe(tmp_path_factory):
     from tests.helpers.evalhelpers import train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", 1000)
+
+
+def _seed_line(config: pytest.Config) -> str | None:
+    """pytest-randomly shuffles modules, then the tests in each (module fixtures are still built once);
+    its seed reproduces the order. `-q` (our addopts) hides the report header, so it is printed here."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is None or not config.getoption("randomly_reorganize"):
+        return None
+    return f"Using --randomly-seed={seed} (the same order again: pytest --randomly-seed={seed})"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    line = _seed_line(session.config)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if line and reporter is not None:
+        reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    line = _seed_line(config)
+    if line:
+        terminalreporter.write_line(line)

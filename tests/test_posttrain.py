@@ -62,6 +62,8 @@ OVERRIDES = [
     "alerts.ppo_max_kl=0.005",
 ]
 STAGES = ("sft", "reward", "dpo", "rlhf")
+# Each test that runs stages logs to an experiment of its own (a prefix of this), so the run lookups below
+# hold whatever ran before them.
 EXPERIMENT = f"posttrain-tests-{os.getpid()}"
 
 DRIVER = """
@@ -80,7 +82,8 @@ def run_stages(
     cwd: Path,
     stages: tuple[str, ...] | list[str],
     kill: tuple[str, int] | None = None,
-    experiment: str = EXPERIMENT,
+    *,
+    experiment: str,
 ) -> subprocess.CompletedProcess:
     """Run the stages in order in one process (as `python -m tasks.<stage>` each would); optionally
     SIGKILL the process after optimizer step n of one of them."""
@@ -138,7 +141,7 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 def chain(tmp_path_factory):
     """sft -> reward -> dpo -> rlhf, uninterrupted, on the tiny workspace."""
     root = new_workspace(tmp_path_factory.mktemp("posttrain"))
-    return root, ok(run_stages(root, STAGES))
+    return root, ok(run_stages(root, STAGES, experiment=f"{EXPERIMENT}-chain"))
 
 
 @pytest.fixture
@@ -240,13 +243,13 @@ def test_sft_objective_packs_when_asked(in_workspace):
 
 
 # --------------------------------------------------------------------------------- trained stages
-def stage_run_tags(stage: str) -> list[dict[str, str]]:
+def stage_run_tags(stage: str, experiment: str) -> list[dict[str, str]]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], f"tags.`pipeline.stage` = '{stage}'", max_results=50)
     return [dict(r.data.tags, status=r.info.status) for r in runs]
 
@@ -391,9 +394,9 @@ def test_stages_learn_the_embedded_default_preferences(embedded_chain):
 def test_ppo_kl_alert_is_logged_and_tagged(chain):
     _, stdout = chain
     assert "ALERT: PPO KL" in stdout and "alerts.ppo_max_kl 0.005" in stdout
-    (tags,) = [t for t in stage_run_tags("rlhf") if t["status"] == "FINISHED"]
+    (tags,) = [t for t in stage_run_tags("rlhf", f"{EXPERIMENT}-chain") if t["status"] == "FINISHED"]
     assert "PPO KL" in tags["health.alerts"]
-    (dpo_tags,) = stage_run_tags("dpo")
+    (dpo_tags,) = stage_run_tags("dpo", f"{EXPERIMENT}-chain")
     assert dpo_tags["health.alerts"] == "none"
 
 
@@ -416,13 +419,13 @@ def test_dpo_alert_with_fail_on_alert_fails_and_writes_nothing(chain, tmp_path):
     shutil.copytree(root / "data/metrics", tmp_path / "data/metrics")
     before = weights_hash(tmp_path / "data/checkpoints/dpo")
     metrics_before = (tmp_path / "data/metrics/dpo.json").read_text()
-    proc = run_stages(tmp_path, ["dpo"])
+    proc = run_stages(tmp_path, ["dpo"], experiment=f"{EXPERIMENT}-dpo-alert")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "ALERT: DPO held-out rewards/margins" in proc.stdout
     assert "health alert (alerts.fail_on_alert=true), nothing written" in proc.stdout
     assert weights_hash(tmp_path / "data/checkpoints/dpo") == before
     assert (tmp_path / "data/metrics/dpo.json").read_text() == metrics_before
-    failed = [t for t in stage_run_tags("dpo") if t["status"] == "FAILED"]
+    failed = [t for t in stage_run_tags("dpo", f"{EXPERIMENT}-dpo-alert") if t["status"] == "FAILED"]
     assert len(failed) == 1 and "rewards/margins" in failed[0]["health.alerts"]
 
 
@@ -439,11 +442,11 @@ def test_stages_resume_after_kill_to_the_same_weights(chain, tmp_path):
     ]
     out = []
     for stages, kill in steps:
-        proc = run_stages(tmp_path, stages, kill=kill)
+        proc = run_stages(tmp_path, stages, kill=kill, experiment=f"{EXPERIMENT}-resume")
         assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert not (tmp_path / paths.checkpoint(kill[0])).exists(), "a killed stage leaves no output"
         out.append(proc.stdout)
-    final = ok(run_stages(tmp_path, ["rlhf"]))
+    final = ok(run_stages(tmp_path, ["rlhf"], experiment=f"{EXPERIMENT}-resume"))
     assert "resumed from data/state/sft at step 2" in out[1]
     assert "resumed from data/state/reward at step 2" in out[2]
     assert "reference log-probs: computed for 64 pairs" in out[2]

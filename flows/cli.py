@@ -16,6 +16,7 @@ runs before the first stage starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -77,13 +78,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from flows.deploy import run_ui
     from tasks.core import tracking
 
-    return run_ui(
-        args.host,
-        args.prefect_port,
-        args.mlflow_port,
-        args.mlflow_store or tracking.tracking_uri(),
-        Path(args.artifacts),
-    )
+    store = args.mlflow_store or tracking.tracking_uri()
+    artifacts = args.artifacts
+    if artifacts is None:  # where the pipeline's own runs keep theirs: beside a sqlite store
+        db = Path(store.split(":///", 1)[1]) if store.startswith("sqlite:///") else None
+        artifacts = db.parent / "mlartifacts" if db else Path("mlartifacts")
+    return run_ui(args.host, args.prefect_port, args.mlflow_port, store, Path(artifacts))
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -132,7 +132,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if replay(args.model, workdir, keep=args.keep, trusted_ref=args.trusted_ref) else 1
 
 
+def use_project_history() -> None:
+    """Keep Prefect's run history in the project: PREFECT_HOME defaults to <project>/.prefect (Prefect's
+    database is $PREFECT_HOME/prefect.db), so the temporary server of a `pipeline run` without
+    PREFECT_API_URL and a later `pipeline ui` read and write the same database, as MLflow's mlflow.db.
+    Must run before prefect is imported (its settings are read then); explicit settings win."""
+    from tasks.core.config import REPO_ROOT
+
+    os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect"))
+    # A first run migrates a new database before the temporary server answers: Prefect's 20 s default
+    # is too short on a loaded 2-core machine (measured: timed out at load 10).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond the registry
+
+
 def main(argv: list[str] | None = None) -> int:
+    use_project_history()
     parser = argparse.ArgumentParser(
         prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -165,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefect-port", type=int, default=4200)
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.add_argument("--mlflow-store", help="backend store URI (default: the pipeline's, sqlite mlflow.db)")
-    p.add_argument("--artifacts", default="mlartifacts", help="artifact root directory")
+    p.add_argument(
+        "--artifacts", help="artifact root of new experiments (default: mlartifacts/ beside a sqlite store)"
+    )
     p.set_defaults(fn=cmd_ui)
     for name, fn, helptext in (
         ("chat", cmd_chat, "interactive chat with a registered model, streamed"),

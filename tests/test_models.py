@@ -137,14 +137,97 @@ def test_greedy_generate_with_and_without_cache_agree() -> None:
     assert streamed == a[0, 5:].tolist()
 
 
-def test_sampled_generate_is_seeded_and_respects_top_k() -> None:
+def test_sampled_generate_is_seeded() -> None:
     model = tiny_model()
     prompt = random_tokens(2, 4)
     kw: dict[str, Any] = dict(max_new_tokens=12, temperature=1.0, top_k=5, top_p=0.9)
     a = generate(model, prompt, generator=torch.Generator().manual_seed(7), **kw)
     b = generate(model, prompt, generator=torch.Generator().manual_seed(7), **kw)
     c = generate(model, prompt, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
-    assert torch.equal(a, b) and torch.equal(a, c)
+    d = generate(model, prompt, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a, b) and torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_every_sampled_token_lies_in_its_steps_top_k() -> None:
+    """generate, stream and generate_batch: each new token is among the k most likely after its prefix
+    (logits recomputed here without a cache). The tiny random model's next-token distribution is nearly
+    flat over 128 ids, so sampling that ignored top_k would leave the top 3 at almost every step."""
+    from models.generate import generate_batch
+
+    model, k = tiny_model(), 3
+    prompt = random_tokens(2, 4)
+    kw: dict[str, Any] = dict(max_new_tokens=20, temperature=1.0, top_k=k)
+    rows = generate(model, prompt, generator=torch.Generator().manual_seed(3), **kw)[:, 4:].tolist()
+    rows.append(list(stream(model, prompt[0].tolist(), generator=torch.Generator().manual_seed(4), **kw)))
+    rows += generate_batch(model, [[5, 6, 7], [9]], generator=torch.Generator().manual_seed(5), **kw).rows()
+    prompts = [*prompt.tolist(), prompt[0].tolist(), [5, 6, 7], [9]]
+    not_greedy = 0
+    for p, new in zip(prompts, rows, strict=True):
+        assert len(new) == 20
+        for t, token in enumerate(new):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + new[:t]]))[0, -1]
+            assert token in logits.topk(k).indices.tolist(), (p, t)
+            not_greedy += token != int(logits.argmax())
+    assert not_greedy > 10  # it sampled (temperature 1), not greedy decoding
+
+
+# Hand-made next-token distribution over 5 ids: p = [0.5, 0.3, 0.15, 0.05, 0].
+P = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+
+
+def draws(n: int = 20000, **kw: Any) -> torch.Tensor:  # [5] frequency of each id over n draws
+    from models.generate import sample_next
+
+    logits = P.log().expand(n, -1)  # [n, 5]; log 0 = -inf: id 4 can never be drawn
+    ids = sample_next(logits, generator=torch.Generator().manual_seed(0), **kw)
+    return torch.bincount(ids, minlength=5).float() / n
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"temperature": 1.0}, [0.5, 0.3, 0.15, 0.05, 0]),
+        ({"temperature": 1.0, "top_k": 2}, [0.625, 0.375, 0, 0, 0]),  # renormalised over the top 2
+        # Nucleus 0.7: ids 0 (cum 0.5 < 0.7) and 1 (reaches 0.8) stay; id 2 starts at 0.8 >= 0.7.
+        ({"temperature": 1.0, "top_p": 0.7}, [0.625, 0.375, 0, 0, 0]),
+        ({"temperature": 1.0, "top_p": 0.4}, [1, 0, 0, 0, 0]),  # the top token always stays
+        ({"temperature": 1.0, "top_p": 0.9}, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0, 0]),
+        # Temperature T: p ** (1 / T), renormalised (T = 0.5 squares, T = 2 takes square roots).
+        ({"temperature": 0.5}, [0.25 / 0.365, 0.09 / 0.365, 0.0225 / 0.365, 0.0025 / 0.365, 0]),
+        ({"temperature": 2.0}, [x / sum(P.sqrt().tolist()) for x in P.sqrt().tolist()]),
+        # Temperature first, then top-k: T = 0.5 over the top 2 ids.
+        ({"temperature": 0.5, "top_k": 2}, [0.25 / 0.34, 0.09 / 0.34, 0, 0, 0]),
+        ({"temperature": 0.0, "top_k": 3}, None),  # greedy: always id 0
+    ],
+)
+def test_sampling_draws_follow_temperature_top_k_and_top_p(kw: dict[str, Any], expected: Any) -> None:
+    freq = draws(**kw)
+    if expected is None:
+        assert freq.tolist() == [1.0, 0, 0, 0, 0]
+        return
+    expected = torch.tensor(expected, dtype=torch.float32)
+    assert torch.equal(freq == 0, expected == 0), freq  # exactly the filtered ids are never drawn
+    # 20000 draws: one standard deviation is at most 0.0036; 0.015 is over 4.
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"temperature": -0.5}, "temperature must be >= 0, got -0.5"),
+        ({"top_k": 0}, "top_k must be >= 1, got 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.01}, r"top_p must be in \(0, 1\], got 1.01"),
+    ],
+)
+def test_sampling_options_out_of_range_are_refused(kw: dict[str, Any], message: str) -> None:
+    from models.generate import sample_next
+
+    with pytest.raises(ValueError, match=message):
+        sample_next(P.log().expand(2, -1), **kw)
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_model(), random_tokens(1, 4), max_new_tokens=2, **kw)
 
 
 def test_generate_stop_tokens_pad_and_early_exit() -> None:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -252,23 +253,35 @@ def log_chat_model(name: str, registered_name: str, checkpoint_dir: Path, tokeni
         raw = manifest.build({rel: p for rel, p in files.items() if p.is_file()})
         manifest_file = Path(tmp) / Path(manifest.MANIFEST).name
         manifest_file.write_bytes(raw)
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(SERVING_CODE),
-            artifacts={
-                "checkpoint": str(checkpoint_dir),
-                "tokenizer": str(tokenizer_json),
-                "manifest": str(manifest_file),
-            },
-            code_paths=code_paths,
-            model_config={"manifest_sha256": hashlib.sha256(raw).hexdigest()},
-            signature=signature,
-            input_example=INPUT_EXAMPLE,
-            pip_requirements=serving_requirements(),  # explicit: inferring them loads the model again (slow)
-            registered_model_name=registered_name,
-        )
+        # MLflow imports pyfunc.py from the model directory it is building (to check the input example):
+        # no byte-code may land there, or the logged model would hold files the manifest does not list.
+        with _no_bytecode():
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(SERVING_CODE),
+                artifacts={
+                    "checkpoint": str(checkpoint_dir),
+                    "tokenizer": str(tokenizer_json),
+                    "manifest": str(manifest_file),
+                },
+                code_paths=code_paths,
+                model_config={"manifest_sha256": hashlib.sha256(raw).hexdigest()},
+                signature=signature,
+                input_example=INPUT_EXAMPLE,
+                pip_requirements=serving_requirements(),  # explicit: inferring them loads the model again (slow)
+                registered_model_name=registered_name,
+            )
     tag_version(registered_name, str(info.registered_model_version), manifest.tags(raw))
     return info
+
+
+@contextlib.contextmanager
+def _no_bytecode() -> Iterator[None]:
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
 
 
 def latest_version(registered_name: str, run_id: str) -> Any:

@@ -78,3 +78,23 @@ def test_ppo_policy_loss_is_clipped():
     assert math.isclose(pg.item(), (-1.2 + 0.8) / 2, rel_tol=1e-6)
     assert clipfrac.item() == 1.0
     assert vf.item() == 0.0
+
+
+def test_ppo_value_loss_is_clipped_around_the_old_values():
+    """0.5 * max((v - R)^2, (clip(v, v_old +- 0.2) - R)^2), the mean over unmasked tokens, by hand."""
+    old_values = torch.tensor([[0.0, 1.0, 0.0, 2.0]])
+    values = torch.tensor([[1.0, 1.1, -0.5, 2.0]], requires_grad=True)
+    returns = torch.tensor([[2.0, 0.0, 0.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+    zeros = torch.zeros(1, 4)
+    _, vf, _ = ppo_losses(
+        zeros, zeros, zeros, values, old_values, returns, mask, clip_range=0.2, clip_range_value=0.2
+    )
+    # token 1: v moved +1.0, clipped to 0.2: max((1 - 2)^2, (0.2 - 2)^2) = 3.24 (the clipped term is larger)
+    # token 2: v moved +0.1, inside the range: (1.1 - 0)^2 = 1.21
+    # token 3: v moved -0.5, clipped to -0.2: max((-0.5)^2, (-0.2)^2) = 0.25 (the unclipped term is larger)
+    assert math.isclose(vf.item(), 0.5 * (3.24 + 1.21 + 0.25) / 3, rel_tol=1e-6)
+    vf.backward()
+    # The clipped term is flat in v (token 1); the others pull v toward R; padding gets nothing.
+    assert values.grad is not None
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 1.1 / 3, -0.5 / 3, 0.0]]))

@@ -248,16 +248,102 @@ def with_state(root: Path, state: Path, overrides: list[str]) -> Path:
     return root / "data/state/pretrain"
 
 
-def test_resume_state_of_another_model_config_is_refused(tmp_path, store, saved_state):
-    state = with_state(tmp_path, saved_state, ["model.d_model=32"])
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, store) -> dict[str, Path]:
+    """Uninterrupted runs of the resume tests' params (checkpoint_every=1), with lr as in SMALL and 2x."""
+    roots = {}
+    for name, extra in (("lr", []), ("lr2", ["pretrain.train.lr=0.002"])):
+        roots[name] = tmp_path_factory.mktemp(f"reference-{name}")
+        make_workspace(roots[name], [*SMALL, "pretrain.train.checkpoint_every=1", *extra])
+        proc = run_pretrain(roots[name], store)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return roots
+
+
+def checkpoint_bytes(root: Path) -> dict[str, bytes]:
+    base = root / "data/checkpoints/base"
+    return {p.name: p.read_bytes() for p in sorted(base.iterdir())}
+
+
+def learned_metrics(root: Path) -> dict[str, float]:
+    from tasks.train.loop import RUN_METRICS
+
+    metrics = json.loads((root / "data/metrics/pretrain.json").read_text())
+    return {k: v for k, v in metrics.items() if not any(t in k for t in RUN_METRICS)}
+
+
+def test_resume_state_of_other_params_is_discarded_and_the_run_starts_fresh(
+    tmp_path, store, saved_state, reference
+):
+    """lr changed after a kill: the saved optimizer and schedule belong to the old lr, so the state is
+    discarded (what differs is logged) and the run equals an uninterrupted run with the new lr."""
+    with_state(tmp_path, saved_state, ["pretrain.train.lr=0.002"])
+    proc = run_pretrain(tmp_path, store)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (
+        "discarding resume state data/state/pretrain/step00000001: it was saved by a run with other "
+        "params or inputs (pretrain.train.lr: 0.001 -> 0.002)" in proc.stdout
+    ), proc.stdout[-3000:]
+    assert "resumed from" not in proc.stdout
+    assert checkpoint_bytes(tmp_path) == checkpoint_bytes(reference["lr2"])
+    assert losses(tmp_path) == losses(reference["lr2"])
+
+
+def test_resume_state_of_other_data_is_discarded(tmp_path, store, saved_state):
+    with_state(tmp_path, saved_state, [])
+    shard = tmp_path / "data/tokens/train.bin"
+    data = bytearray(shard.read_bytes())
+    data[200:204] = data[300:304] if data[300:304] != data[200:204] else data[400:404]
+    shard.write_bytes(bytes(data))  # same length, other tokens: what a changed corpus gives
+    proc = run_pretrain(tmp_path, store)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "discarding resume state data/state/pretrain/step00000001" in proc.stdout
+    assert "data/tokens/train.bin: " in proc.stdout and "resumed from" not in proc.stdout
+
+
+def test_resume_mismatch_fail_names_what_differs_and_keeps_the_state(tmp_path, store, saved_state):
+    state = with_state(tmp_path, saved_state, ["model.d_model=32", "pretrain.train.resume_mismatch=fail"])
     files = make_outputs(tmp_path)
     proc = run_pretrain(tmp_path, store)
     assert proc.returncode == 1
-    assert "resume state data/state/pretrain/step00000001 was saved for a different model" in proc.stdout
-    assert "embed.weight: [384, 64] saved vs [384, 32] now" in proc.stdout
-    assert "delete data/state/pretrain to start over" in proc.stdout
+    assert (
+        "resume state data/state/pretrain/step00000001 was saved by a run with other params or inputs "
+        "(model.d_model: 64 -> 32" in proc.stdout
+    ), proc.stdout[-3000:]
+    assert "pretrain.train.resume_mismatch=restart" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert_untouched(files)
-    assert (state / "latest").exists(), "the state is the user's to delete, not ours"
+    assert (state / "latest").exists(), "under `fail` the state is the user's to delete, not ours"
+
+
+@pytest.mark.parametrize("point", ["before-commit", "mid-commit"])
+def test_a_kill_between_output_writes_leaves_old_outputs_or_the_next_run_completes(
+    tmp_path, store, reference, point
+):
+    """The checkpoint, metrics JSON and plot CSV change together. Killed after all three are staged but
+    before the commit marker: every old output is intact and the rerun resumes. Killed during the commit
+    (checkpoint moved in): the rerun finishes the commit without training. Either way the outputs end
+    up equal to an uninterrupted run's."""
+    make_workspace(tmp_path, [*SMALL, "pretrain.train.checkpoint_every=1"])
+    files = make_outputs(tmp_path)
+    proc = run_pretrain(tmp_path, store, PIPELINE_KILL_AT=point)
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if point == "before-commit":
+        assert_untouched(files)
+    else:  # the documented state inside the commit: the checkpoint moved in, metrics and plot not yet
+        assert (tmp_path / "data/checkpoints/base/model.safetensors").exists()
+        assert_untouched({p: d for p, d in files.items() if "checkpoints" not in str(p)})
+    rerun = run_pretrain(tmp_path, store)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    if point == "before-commit":
+        assert "resumed from data/state/pretrain at step 3" in rerun.stdout
+    else:
+        assert "completing the outputs of a finished run" in rerun.stdout, rerun.stdout[-3000:]
+        assert "step 1/4" not in rerun.stdout and "resumed from" not in rerun.stdout, "no training"
+    assert checkpoint_bytes(tmp_path) == checkpoint_bytes(reference["lr"])
+    assert losses(tmp_path) == losses(reference["lr"])
+    assert learned_metrics(tmp_path) == learned_metrics(reference["lr"])
+    assert not (tmp_path / "data/state/pretrain").exists()
 
 
 def test_truncated_resume_state_is_refused(tmp_path, store, saved_state):

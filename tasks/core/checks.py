@@ -178,10 +178,6 @@ def check_train_config(cfg: TrainConfig, where: str = "train") -> None:
         raise ConfigError(
             f"{where}.min_lr={cfg.min_lr} exceeds {where}.lr={cfg.lr}: the schedule decays to it"
         )
-    if cfg.warmup_steps > cfg.max_steps:
-        raise ConfigError(
-            f"{where}.warmup_steps={cfg.warmup_steps} exceeds {where}.max_steps={cfg.max_steps}: lr is never reached"
-        )
 
 
 def _check_path(key: str, path: str, value: str | None = None) -> None:

@@ -40,7 +40,16 @@ from tasks.train.distributed import (
     world_size,
 )
 from tasks.train.mfu import peak_tflops
-from tasks.train.resume import check_resume_state, load_state, param_shapes, save_state
+from tasks.train.resume import (
+    Fingerprint,
+    check_fingerprint,
+    check_resume_state,
+    file_digests,
+    flatten,
+    load_state,
+    param_shapes,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +131,12 @@ def train(
     tracker: Any = None,
     plot_csv: Path | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    fingerprint: Fingerprint | None = None,
+    section: str = "train",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train `model` for cfg.max_steps optimizer steps; resume from state_dir if it holds a checkpoint.
+    """Train `model` for cfg.max_steps optimizer steps; resume from state_dir if it holds a checkpoint
+    saved by the same run: `fingerprint` (default: the train config) plus the number of processes.
+    A state of another run is discarded, or refused under `<section>.resume_mismatch: fail`.
 
     Returns the trained weights (full fp32 state dict, ZeRO-3 partitions gathered) and the last metrics
     (averaged over ranks). Under ZeRO-3 `model` itself is left partitioned: load the returned weights into
@@ -135,11 +148,20 @@ def train(
     check_train_config(cfg)
     state_dir = Path(state_dir)
     shapes = param_shapes(model)  # before ZeRO-3 partitions them
-    resume_tag = check_resume_state(state_dir, shapes, cfg)  # bad state fails before any engine starts
+    run_fp = {
+        **(fingerprint if fingerprint is not None else flatten("train", cfg)),
+        "world_size": world_size(),
+    }
+    # bad state fails before any engine starts; another run's state is discarded once processes join
+    resume_tag, discard = check_resume_state(state_dir, shapes, cfg, run_fp, section)
     # ---- processes, engine (optimizer, LR schedule as a multiplier of lr), and resume
     torch.manual_seed(cfg.seed)
     init_distributed()
     rank, world = int(os.environ.get("RANK", "0")), world_size()
+    if discard:
+        if rank == 0:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        torch.distributed.barrier()  # no rank starts saving into the folder before it is gone
     if effective_zero_stage(cfg) != cfg.zero_stage:
         log.info("zero_stage=%d on one process partitions nothing: running DeepSpeed stage 0", cfg.zero_stage)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -158,8 +180,8 @@ def train(
     # tracks); data/plots/<stage>.csv is written once, when training ends.
     progress_csv = state_dir / "curve.csv" if rank == 0 and plot_csv is not None else None
     metric_log = MetricLog(tracker if rank == 0 else None, progress_csv)
-    previous_rows = (
-        [r for r in _read_csv(progress_csv) if r.get("step", 0) < start_step] if start_step else []
+    previous_rows = (  # rows are numbered by steps done: the saved step's row is part of the state
+        [r for r in _read_csv(progress_csv) if r.get("step", 0) <= start_step] if start_step else []
     )
 
     # ---- the training loop: one iteration = one optimizer step over grad_accum micro-batches
@@ -221,12 +243,18 @@ def train(
         # resume state every checkpoint_every steps (the curve first, so it covers the checkpoint)
         if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             metric_log.write_csv(previous_rows)  # before `latest` moves on: the curve covers the checkpoint
-            save_state(engine, state_dir, done, shapes, cfg, model)
+            save_state(engine, state_dir, done, shapes, cfg, model, run_fp)
     # ---- the whole curve to the plot CSV; the full weights gathered from every rank
     metric_log.write_csv(previous_rows, plot_csv)
     if start_step:
         last["resumed_from_step"] = float(start_step)  # in the stage's metrics JSON, not in its checkpoint
     return gather_full_weights(engine), last
+
+
+def kill_at(point: str) -> None:
+    """Fault injection for the tests: die like `kill -9` would, with no cleanup, at a named point."""
+    if os.environ.get("PIPELINE_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -235,6 +263,44 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 # What varies between runs that learned the same weights: timings, and where a killed run resumed.
 RUN_METRICS = ("tokens_per_s", "mfu", "seconds", "flops", "resumed_from_step")
+
+
+# Staged outputs of a finished run, in data/state/<stage>/final/, and the commit marker written after them.
+FINAL, COMPLETE = "final", "COMPLETE"
+STAGED = {"checkpoint": "checkpoint", "metrics": "metrics.json", "plot": "plot.csv"}  # output -> staged name
+
+
+def stage_fingerprint(stage: str, config: Any, tokenizer_fingerprint: str) -> Fingerprint:
+    """What determines a training stage's run: its params section (params.yaml, as DVC tracks it), the
+    model config, the sha256 of every file of its data deps in dvc.yaml, the tokenizer fingerprint."""
+    from tasks.core import stages
+    from tasks.core.config import REPO_ROOT, load_params
+
+    deps = stages.dvc_stages(REPO_ROOT / "dvc.yaml").get(stage, {}).get("deps", [])
+    data = [Path(d if isinstance(d, str) else next(iter(d))) for d in deps]
+    return {
+        **flatten(stage, getattr(load_params(), stage)),
+        **flatten("model", config.to_dict() if hasattr(config, "to_dict") else config),
+        **file_digests([d for d in data if d.parts[:1] == ("data",)]),
+        "tokenizer": tokenizer_fingerprint,
+    }
+
+
+def commit_outputs(final: Path, targets: dict[str, Path]) -> None:
+    """Move the staged outputs into place: checkpoint, metrics, plot, in that order. An output already
+    moved (by a commit a kill cut short) is skipped, so running this again finishes the commit."""
+    for name in ("checkpoint", "metrics", "plot"):
+        staged, target = final / STAGED[name], targets[name]
+        if not staged.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staged.is_dir() and target.exists():
+            old = final / f"old-{name}"  # inside the state folder: removed with it, even after a kill
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(staged, target)
+        if name == "checkpoint":
+            kill_at("mid-commit")
 
 
 def train_stage(
@@ -259,23 +325,58 @@ def train_stage(
     data/checkpoints/<model>/ as the stage registry names it, with its lineage (tokenizer fingerprint,
     stage, parent model). `weights_to_save` maps the trained state dict to the checkpoint's (e.g. PPO drops
     its value head). Returns the last metrics.
+
+    The three outputs change together. They are staged in data/state/<stage>/final/, then a COMPLETE
+    marker (with the run's fingerprint) is written, then they are moved into place (checkpoint, metrics,
+    plot; each move atomic) and the state folder is removed. A kill before the marker leaves every old
+    output as it was and the run resumable; a kill after it (during the moves) can leave the new
+    checkpoint beside the old metrics or plot until the stage runs again (DVC reports the stage changed
+    meanwhile): that run finds the marker and finishes the moves without training. A marker of a run
+    with other params or inputs is discarded, or refused under `<stage>.train.resume_mismatch: fail`.
     """
     from tasks.core import paths
     from tasks.core.stages import stage_model
 
+    rank = int(os.environ.get("RANK", "0"))
+    state_dir = paths.STATE / stage
+    final = state_dir / FINAL
+    targets = {
+        "checkpoint": paths.checkpoint(stage_model(stage).model),
+        "metrics": paths.METRICS / f"{stage}.json",
+        "plot": paths.PLOTS / f"{stage}.csv",
+    }
+    fingerprint = stage_fingerprint(stage, config, tokenizer_fingerprint)
+    if (final / COMPLETE).exists():
+        from tasks.core.io import read_json
+
+        marker = read_json(final / COMPLETE)
+        run_fp = {**fingerprint, "world_size": world_size()}
+        if check_fingerprint(marker.get("fingerprint"), run_fp, cfg, final, f"{stage}.train"):
+            init_distributed()
+            torch.distributed.barrier()  # every rank has seen the marker before rank 0 moves it
+            if rank == 0:
+                log.info("completing the outputs of a finished run from %s", final)
+                commit_outputs(final, targets)
+                shutil.rmtree(state_dir, ignore_errors=True)
+                if tracker is not None:
+                    tracker.log_metrics(marker["metrics"])
+            torch.distributed.barrier()
+            return dict(marker["metrics"])
     state, metrics = train(
         model,
         objective,
         cfg,
-        state_dir=paths.STATE / stage,
+        state_dir=state_dir,
         tracker=tracker,
-        plot_csv=paths.PLOTS / f"{stage}.csv",
+        plot_csv=final / STAGED["plot"],
         on_step=on_step,
+        fingerprint=fingerprint,
+        section=f"{stage}.train",
     )
     metrics.update(extra_metrics or {})
     if weights_to_save is not None:
         state = weights_to_save(state)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         from models.checkpoint import save_checkpoint
 
         checkpoint_model.load_state_dict(state)
@@ -283,11 +384,15 @@ def train_stage(
         # Timings vary run to run; the checkpoint keeps only what the weights determine, so that the same
         # inputs give a byte-identical checkpoint directory (dvc.lock hash).
         learned = {k: v for k, v in rounded.items() if not any(t in k for t in RUN_METRICS)}
-        out_dir = paths.checkpoint(stage_model(stage).model)
         lineage = {"tokenizer_fingerprint": tokenizer_fingerprint, "stage": stage}
         if parent is not None:
             lineage["parent"] = parent
-        save_checkpoint(out_dir, checkpoint_model, config, meta={**lineage, "metrics": learned})
-        write_json(paths.METRICS / f"{stage}.json", rounded)
-        shutil.rmtree(paths.STATE / stage, ignore_errors=True)
+        meta = {**lineage, "metrics": learned}
+        save_checkpoint(final / STAGED["checkpoint"], checkpoint_model, config, meta=meta)
+        write_json(final / STAGED["metrics"], rounded)
+        kill_at("before-commit")
+        run_fp = {**fingerprint, "world_size": world_size()}
+        write_json(final / COMPLETE, {"fingerprint": run_fp, "metrics": rounded})
+        commit_outputs(final, targets)
+        shutil.rmtree(state_dir, ignore_errors=True)
     return metrics

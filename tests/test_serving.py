@@ -275,6 +275,9 @@ BAD_REQUESTS = {  # case: (body, HTTP status, message)
         "temperature must be a finite number >= 0, got inf",
     ),
     "temperature not a number": (body(temperature="hot"), 400, "for 'temperature'"),
+    "max_new_tokens not a number": (body(max_new_tokens="many"), 400, "for 'max_new_tokens'"),
+    "top_p not a number": (body(top_p="most"), 400, "for 'top_p'"),
+    "seed not a number": (body(seed="lucky"), 400, "for 'seed'"),
     "top_p zero": (body(top_p=0.0), 400, "top_p must be in (0, 1], got 0.0"),
     "top_p over one": (body(top_p=1.5), 400, "top_p must be in (0, 1], got 1.5"),
     "negative seed": (body(seed=-1), 400, f"seed must be in 0..{2**63 - 1}, got -1"),
@@ -344,11 +347,67 @@ def test_streamed_chat_checks_every_field_with_the_same_error(local, case):
 
 @pytest.mark.e2e
 def test_prompt_longer_than_the_context_is_answered_from_its_last_tokens(server, local):
+    from models.generate import generate
+
+    chat = local.unwrap_python_model()
     long = [{"role": "user", "content": "Explain these words: " + " ".join(f"word{i}" for i in range(400))}]
+    ids, _ = chat.tokenizer.render_chat(long, add_generation_prompt=True)
+    context, new = chat.model.config.max_seq_len, PARAMS["max_new_tokens"]
+    assert len(ids) > context, "the prompt must not fit for this test to mean anything"
+
+    def greedy(prompt: list[int]) -> str:
+        tok = chat.tokenizer
+        stops, pad = [tok.end_id, tok.eos_id], tok.pad_id
+        out = generate(
+            chat.model,
+            torch.tensor([prompt]),
+            max_new_tokens=new,
+            temperature=0.0,
+            stop_tokens=stops,
+            pad_id=pad,
+        )
+        return tok.decode(out[0, len(prompt) :].tolist())
+
+    last = greedy(ids[len(ids) - (context - new) :])  # its last tokens, leaving room for the answer
+    first = greedy(ids[: context - new])  # what cutting the end off would answer
+    assert last != first, "the two truncations must answer differently for the check to tell them apart"
     status, reply = post(server, {"inputs": [{"messages": long}], "params": PARAMS})
-    assert status == 200 and json.loads(reply)["predictions"] == local.predict(
-        [{"messages": long}], params=PARAMS
-    )
+    assert status == 200 and json.loads(reply)["predictions"] == [last]
+
+
+@pytest.mark.e2e
+def test_a_burst_past_the_wait_queue_gets_a_json_server_busy_503_then_the_server_answers(server, local):
+    """12 requests at once, each 16 conversations long (one holds the slot for seconds): 1 generates, 4
+    wait, the rest are refused at once with the pyfunc's JSON 503; 12 stay under uvicorn's connection
+    limit (24), so no refusal is uvicorn's plain-text one."""
+    slots, waiting = (int(LIMITS[k]) for k in ("PIPELINE_SERVE_MAX_CONCURRENT", "PIPELINE_SERVE_MAX_WAITING"))
+    n = 12
+    assert slots + waiting < n < int(LIMITS["UVICORN_LIMIT_CONCURRENCY"])
+    heavy = {"inputs": [{"messages": question(i)} for i in range(16)], "params": {"max_new_tokens": 48}}
+    results: list[tuple[int, str]] = []
+    barrier = threading.Barrier(n)
+
+    def one() -> None:
+        barrier.wait()
+        results.append(post(server, heavy))
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == n, "requests still pending after 120 s"
+    answered = [json.loads(b)["predictions"] for s, b in results if s == 200]
+    busy = [json.loads(b) for s, b in results if s == 503]
+    assert len(answered) + len(busy) == n, [r for r in results if r[0] not in (200, 503)]
+    assert all(len(a) == 16 and all(isinstance(x, str) for x in a) for a in answered)
+    assert answered and busy, (len(answered), len(busy))  # some generated, some were refused
+    for refusal in busy:
+        assert refusal["error_code"] == "TEMPORARILY_UNAVAILABLE", refusal
+        assert "server busy: the wait queue is full" in refusal["message"], refusal
+    status, reply = post(server, {"inputs": [{"messages": question(0)}], "params": PARAMS})
+    assert status == 200, reply
+    assert json.loads(reply)["predictions"] == local.predict([{"messages": question(0)}], params=PARAMS)
 
 
 # ------------------------------------------------------------------------ pickled code in checkpoints

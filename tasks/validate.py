@@ -183,7 +183,9 @@ def open_raw(dataset: str) -> pq.ParquetFile:
     if not path.exists():
         raise StageError(f"dataset {dataset}: {path} not found; run the ingest stage first")
     try:
-        return pq.ParquetFile(path)
+        # pre_buffer (on by default) keeps the buffers of every row group read so far until the reader
+        # ends: measured on a 1 GB file, arrow's live memory grew 100 -> 254 MB over the file; off: flat
+        return pq.ParquetFile(path, pre_buffer=False)
     except Exception as exc:
         raise StageError(f"dataset {dataset}: {path} is not a readable parquet file: {exc}") from exc
 

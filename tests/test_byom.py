@@ -16,7 +16,6 @@ from models.config import ModelConfig
 from models.hf import export_hf, import_hf
 from tests.helpers.hfmodels import FAMILIES, hf_logits, hf_model, reload_logits, save_hf
 
-transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 

@@ -52,7 +52,8 @@ def random_tokens(B: int, T: int, vocab: int = 128, seed: int = 1) -> torch.Tens
     ],
 )
 def test_hf_export_logits_match_transformers(tmp_path: Path, overrides: dict) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     model = tiny_model(**overrides)
     export_hf(model, tmp_path / "hf")
     hf = transformers.LlamaForCausalLM.from_pretrained(
@@ -70,8 +71,9 @@ def test_hf_export_logits_match_transformers(tmp_path: Path, overrides: dict) ->
 
 
 def test_hf_export_tokenizer_loads_with_autotokenizer(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+    import transformers
+
     words = ["<pad>", "<s>", "</s>", "<unk>", "hello", "world", "def", "return"]
     tok = tokenizers.Tokenizer(
         tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")

@@ -181,7 +181,9 @@ def test_tokenizer_special_tokens_come_from_params_and_match_transformers(ws):
     rendered = chat.decode(ids, skip_special_tokens=False)
     assert rendered.startswith("<s>[SYS]Be brief.[EOT][USR]What does <|user|>") and rendered.endswith("[BOT]")
     assert chat.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Nothing special."
-    with pytest.raises(Exception, match="role tool is not one of"):
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match="role tool is not one of"):
         auto.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
     # encode uses the recorded bos/eos, not the defaults

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from flows.models import ReplayError
+from tasks.core.manifest import ManifestError
 from tests.test_serving import tiny_registered_model
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
@@ -162,7 +164,7 @@ def test_a_tampered_model_is_refused_by_chat_export_and_pyfunc_load(chat_model, 
         assert "was changed after registration" in err and named in err, err
     assert not (tmp_path / "hf").exists()
     if what != "serving code":  # pyfunc.py is the loader itself: only a check before loading can catch it
-        with pytest.raises(Exception, match=named.replace(".", r"\.")):
+        with pytest.raises(ManifestError, match=named.replace(".", r"\.")):
             mlflow.pyfunc.load_model(f"models:/{ref}")
     assert not marker.exists(), "the forged code ran"
 
@@ -237,7 +239,7 @@ def test_replay_checks_the_lineage_and_prints_its_plan_before_running(lineage, m
     plan = verify_lineage(tracking.resolve_version(lineage["ref"]), repo, "HEAD", repo.parent / "check")
     assert plan.commit == lineage["head"] and plan.stage == "sft"
     assert plan.params_file.read_bytes() == (repo / "params.yaml").read_bytes()
-    with pytest.raises(Exception, match="is not in the history of HEAD"):  # another trusted ref: its own
+    with pytest.raises(ReplayError, match="is not in the history of HEAD"):  # another trusted ref: its own
         verify_lineage(version_with(lineage, "git.commit", lineage["other"]), repo, "HEAD", repo.parent / "x")
     assert (
         verify_lineage(

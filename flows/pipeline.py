@@ -25,7 +25,7 @@ from prefect.runtime import flow_run as prefect_flow_run
 from pydantic import Field
 
 from tasks.core import tracking
-from tasks.core.config import dump_params, load_params, resolve_params
+from tasks.core.config import ConfigError, dump_params, load_params, resolve_params
 from tasks.core.stages import stage_order
 
 # Typed flow parameters: the Prefect UI renders them as a form; the API validates them on run creation.
@@ -162,13 +162,13 @@ def pipeline(
     logger = get_run_logger()
     root = Path.cwd()
     params = resolve_params(profile, overrides or [])
+    order = stage_order(root / "dvc.yaml")
+    unknown = sorted(set(stages or []) - set(order))
+    if unknown:  # before params.yaml is written: bad input changes nothing
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(order)}")
     params_path = root / "params.yaml"
     if not params_path.exists() or load_params(params_path) != params:
         dump_params(params, params_path)
-    order = stage_order(root / "dvc.yaml")
-    unknown = sorted(set(stages or []) - set(order))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
     selected = [s for s in order if not stages or s in stages]
     stage_task = run_stage.with_options(
         retries=retries, retry_delay_seconds=backoff(retries, retry_delay_seconds) or 0

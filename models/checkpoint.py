@@ -124,8 +124,13 @@ def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def save_checkpoint(
-    out_dir: Path, model: nn.Module, config: ModelConfig, meta: dict[str, Any] | None = None
+    out_dir: Path,
+    model: nn.Module,
+    config: ModelConfig,
+    meta: dict[str, Any] | None = None,
+    files: dict[str, Path] | None = None,
 ) -> Path:
+    """model.safetensors + config.json (+ `files`, copied under their names, e.g. a tokenizer), atomically."""
     meta = dict(meta or {})
     clash = sorted({"model", "kind"} & set(meta))
     if clash:
@@ -141,6 +146,8 @@ def save_checkpoint(
         # map, so two keys made identical weights hash differently run to run. The kind is in config.json.
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, payload)
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
     return Path(out_dir)
 
 
@@ -175,7 +182,8 @@ def refuse_pickle(path: Path) -> None:
 def load_checkpoint(
     path: Path, *, kind: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the module described by path/config.json and load path/model.safetensors into it, strictly.
+    """Rebuild the module described by path/config.json and load path/model.safetensors into it, strictly;
+    an adapter checkpoint (models/adapters.py) is loaded as its base with the adapters merged.
 
     Returns (model in eval mode, the config.json dict). Any mismatch raises CheckpointError.
     """
@@ -187,6 +195,11 @@ def load_checkpoint(
         config = ModelConfig.from_dict(cfg["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid model config in {path / CONFIG_FILE}: {e}") from e
+    if "adapter" in cfg:  # LoRA adapters + a pointer to their base: merged into a plain model
+        from models.adapters import load_adapter_checkpoint
+
+        merged = load_adapter_checkpoint(path, cfg)
+        return merged.to(device).eval(), cfg
     model = build_model(cfg["kind"], config)
 
     weights_path = path / WEIGHTS_FILE

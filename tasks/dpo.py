@@ -9,10 +9,14 @@ rewards/margins, rewards/accuracies, logps/chosen, logps/rejected; held-out ones
 
 Health alerts (also used by rlhf): checked on the last step's metrics, before the loop writes anything,
 so with `alerts.fail_on_alert` a failing stage leaves no checkpoint and no metrics file behind.
+
+With `dpo.lora` the policy trains LoRA adapters and the reference is its own frozen base (adapters
+disabled while the reference log-probs are computed): one model in memory, not two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -26,15 +30,16 @@ from torch import nn
 from models.llama import Transformer
 from tasks.core import paths
 from tasks.core.config import DPOConfig, Params
-from tasks.core.io import atomic_write_bytes, sha256_file
+from tasks.core.io import atomic_write_bytes
 from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
-from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.train.alerts import alerts_at_end, raise_or_tag
-from tasks.train.checkpoints import load_policy_and_reference
+from tasks.train.checkpoints import load_causal_lm, load_policy_and_reference
 from tasks.train.loop import Batch, train_stage
+from tasks.train.lora import adapters_disabled, add_adapters, base_of
 from tasks.train.losses import dpo_loss, sequence_logps
+from tasks.train.open_model import stage_tokenizer, tokenizer_files_of
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +153,10 @@ class DirectPreference:
 
 def reference_key(reference_name: str, fingerprint: str, pairs: list[chat_data.Pair]) -> str:
     """What the cached reference log-probs depend on: the reference weights, the tokenizer, the pairs."""
+    from models.adapters import weights_sha256
+
     h = hashlib.sha256()
-    h.update(sha256_file(paths.checkpoint(reference_name) / "model.safetensors").encode())
+    h.update(weights_sha256(paths.checkpoint(reference_name)).encode())
     h.update(fingerprint.encode())
     for p in pairs:
         h.update(repr((p.prompt, p.chosen, p.rejected)).encode())
@@ -203,14 +210,26 @@ def check_alerts(metrics: dict[str, float], params: Params, tracker: Any) -> lis
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.dpo
-    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
     reference_name = cfg.reference  # the frozen reference, and the starting policy
-    policy, reference, _ = load_policy_and_reference(reference_name, reference_name, tokenizer.fingerprint)
+    tokenizer = stage_tokenizer(reference_name)
+    adapters = None
+    if cfg.lora.enabled:
+        # LoRA: one model. The reference is the policy's frozen base, i.e. the policy with adapters disabled.
+        policy, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
+        base = base_of(paths.checkpoint(reference_name), "checkpoint")
+        adapters = add_adapters(policy, cfg.lora, cfg.train, base, where="dpo")
+        reference: nn.Module = policy
+    else:
+        policy, reference, _ = load_policy_and_reference(
+            reference_name, reference_name, tokenizer.fingerprint
+        )
     pairs = chat_data.preference_pairs(tokenizer, min(cfg.seq_len, policy.config.max_seq_len))
     # Same device and precision as the policy's forward in the loop (bf16 autocast on CPU), so that the
     # implicit rewards start at 0 instead of at the bf16-vs-fp32 rounding difference.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cpu"):
+    reference_mode = adapters_disabled(policy) if adapters is not None else contextlib.nullcontext()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16 and device.type == "cpu")
+    with reference_mode, autocast:
         ref = cached_reference(
             reference.to(device),
             pairs,
@@ -230,6 +249,8 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         tokenizer_fingerprint=tokenizer.fingerprint,
         parent=reference_name,
         on_step=alerts_at_end(cfg.train.max_steps, lambda m: dpo_alerts(m, params), params, tracker),
+        adapters=adapters,
+        files=tokenizer_files_of(tokenizer),
     )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from models.adapters import weights_sha256
 from tasks.core import paths
 from tasks.core.config import EvaluateConfig, Params
 from tasks.core.io import sha256_file, write_json
@@ -342,7 +343,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         res = evaluate_model(name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, harness)
         res["checkpoint"] = {
             "path": str(path),
-            "sha256": sha256_file(path / "model.safetensors"),
+            "sha256": weights_sha256(path),  # model.safetensors' (adapter checkpoints: adapters + base)
             "stage": meta.get("stage", name),
         }
         res["perplexity"]["tokens_sha256"] = sha256_file(val_shard)

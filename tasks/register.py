@@ -15,9 +15,12 @@ an artifact of the register run (`params.artifact`; its sha256 stored beside it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,18 +131,40 @@ def promote(registered: str, version: str, scores: dict[str, float], cfg: Regist
     return ok, decision
 
 
+@contextlib.contextmanager
+def merged_checkpoint(ckpt: Path, model: Any, meta: dict[str, Any]) -> Iterator[Path]:
+    """The checkpoint to log: itself, or for LoRA adapters (models/adapters.py) the merged model in a temp
+    dir of the same name, so that the registry serves and exports a plain model without the base."""
+    if "adapter" not in meta:
+        yield ckpt
+        return
+    from models.checkpoint import save_checkpoint
+
+    lineage = {k: v for k, v in meta.items() if k not in ("model", "kind", "adapter")}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / ckpt.name
+        extra = {f.name: f for f in ckpt.iterdir() if f.name.startswith("tokenizer")}
+        save_checkpoint(
+            out, model, model.config, meta={**lineage, "merged_adapter": meta["adapter"]}, files=extra
+        )
+        yield out
+
+
 def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "") -> dict[str, Any]:
     from models.checkpoint import load_checkpoint, state_dict_hash
 
     cfg = params.register
     ckpt = paths.checkpoint(name)
-    if not (ckpt / "model.safetensors").exists():
+    if not (ckpt / "model.safetensors").exists() and not (ckpt / "adapter.safetensors").exists():
         raise StageError(f"{ckpt} has no model.safetensors; run the stages before register")
     meta = read_json(ckpt / "config.json")
     model, _ = load_checkpoint(ckpt)
     weights_sha256 = state_dict_hash(model)
     registered = f"{cfg.model_prefix}-{name}"
-    tracking.log_chat_model(name, registered, ckpt, paths.TOKENIZER_JSON)
+    # a model that carries its own (open model's) tokenizer is registered with it
+    tokenizer = ckpt / "tokenizer.json" if (ckpt / "tokenizer.json").exists() else paths.TOKENIZER_JSON
+    with merged_checkpoint(ckpt, model, meta) as logged:
+        tracking.log_chat_model(name, registered, logged, tokenizer)
     version = tracking.latest_version(registered, tracker.run_id)
     stage = stages.model_stage(name).stage
     section = getattr(params, stage)

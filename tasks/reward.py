@@ -21,10 +21,11 @@ from tasks.core.config import Params
 from tasks.core.launch import training_main
 from tasks.core.stage import StageError
 from tasks.data import chat_data
-from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.train.checkpoints import load_causal_lm
 from tasks.train.loop import Batch, train_stage
+from tasks.train.lora import add_adapters, base_of
 from tasks.train.losses import bradley_terry_loss
+from tasks.train.open_model import stage_tokenizer, tokenizer_files_of
 
 
 def pair_rewards(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,10 +95,15 @@ class PreferenceRanking:
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.reward
-    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
+    tokenizer = stage_tokenizer("sft")
     sft, _ = load_causal_lm("sft", tokenizer.fingerprint)
     torch.manual_seed(cfg.train.seed)
     model = ScalarHeadModel(sft)
+    adapters = None
+    if cfg.lora.enabled:  # LoRA on the trunk; the scalar head learns in full and is kept with the adapters
+        base = base_of(paths.checkpoint("sft"), "checkpoint")
+        head = ("value_head.weight", "value_head.bias")
+        adapters = add_adapters(model, cfg.lora, cfg.train, base, where="reward", keep=head)
     pairs = chat_data.preference_pairs(tokenizer, min(cfg.seq_len, sft.config.max_seq_len))
     objective = PreferenceRanking(
         pairs,
@@ -117,6 +123,8 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         config=sft.config,
         tokenizer_fingerprint=tokenizer.fingerprint,
         parent="sft",
+        adapters=adapters,
+        files=tokenizer_files_of(tokenizer),
     )
 
 

@@ -33,7 +33,9 @@ from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.train.alerts import alerts_at_end
 from tasks.train.checkpoints import check_same_architecture, load_causal_lm, load_stage_model
 from tasks.train.loop import Batch, train_stage
+from tasks.train.lora import AdaptersOff, add_adapters, base_of
 from tasks.train.losses import gae, masked_mean, masked_whiten, ppo_losses, token_logps
+from tasks.train.open_model import stage_tokenizer, tokenizer_files_of
 from tasks.train.rollouts import (
     KLController,
     RewardFn,
@@ -59,7 +61,7 @@ class ProximalPolicy:
         prompts: list[list[int]],
         train_rows: list[int],
         val_rows: list[int],
-        reference: Transformer,
+        reference: nn.Module,  # the frozen SFT model, or the policy with adapters off (rlhf.lora)
         reward_model: nn.Module,
         cfg: RLHFConfig,
         tokenizer: ChatTokenizer,
@@ -232,11 +234,15 @@ def load_prompts(
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.rlhf
-    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
     reference_name = cfg.reference
+    tokenizer = stage_tokenizer(reference_name)
     sft, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
-    reference, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
-    check_same_architecture(sft, reference, (reference_name, reference_name))
+    reference: nn.Module
+    if cfg.lora.enabled:  # the reference is the policy's own frozen base: adapters disabled, no copy
+        reference = AdaptersOff(sft)
+    else:
+        reference, _ = load_causal_lm(reference_name, tokenizer.fingerprint)
+        check_same_architecture(sft, reference, (reference_name, reference_name))
     reward_model, _ = load_stage_model("reward", tokenizer.fingerprint, kind="scalar_head")
     reward_config = reward_model.config
     if (
@@ -252,6 +258,13 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     reward_model.requires_grad_(False)
     torch.manual_seed(cfg.train.seed)
     model = PolicyWithValue(sft)
+    adapters = None
+    if cfg.lora.enabled:  # the value head learns in full but is dropped from the checkpoint, as without LoRA
+        base = base_of(paths.checkpoint(reference_name), "checkpoint")
+        head = ("value_head.weight", "value_head.bias")
+        adapters = add_adapters(
+            model, cfg.lora, cfg.train, base, where="rlhf", prefix="transformer.", keep=head
+        )
     prompts, train_rows, val_rows = load_prompts(tokenizer, cfg, sft.config.max_seq_len)
     objective = ProximalPolicy(prompts, train_rows, val_rows, reference, reward_model, cfg, tokenizer)
     # The starting policy's held-out reward, measured as every later evaluation is: the baseline that
@@ -282,7 +295,9 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
             cfg.train.max_steps, lambda _: objective.kl_alerts(params.alerts.ppo_max_kl), params, tracker
         ),
         extra_metrics={"val/reward_mean_initial": initial},
-        weights_to_save=value_head_dropped,
+        weights_to_save=None if adapters is not None else value_head_dropped,
+        adapters=adapters,
+        files=tokenizer_files_of(tokenizer),
     )
 
 

@@ -4,6 +4,10 @@ Conversations are rendered with the tokenizer's chat template; the loss covers a
 (assistant content and its closing <|end|>; system, user and role tokens are context, not targets).
 Same loop as pretraining, another objective.
 
+`sft.init` picks the starting model: the pipeline's base, or an open model (a Hugging Face folder under
+init/ or hf:<org>/<name>@<revision>) trained with its own tokenizer and chat template, which the
+checkpoint then carries for the later stages. `sft.lora` trains LoRA adapters instead of every weight.
+
 Batches are right-padded by default (causal attention: a pad after a sequence cannot change it). With
 `sft.packing` several conversations share a row, separated by `doc_ids` (block-diagonal attention,
 positions restarting per conversation), so no compute is spent on pads and nothing leaks across them.
@@ -28,6 +32,8 @@ from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.train.checkpoints import load_causal_lm
 from tasks.train.loop import Batch, train_stage
+from tasks.train.lora import add_adapters, base_of
+from tasks.train.open_model import open_model, tokenizer_files
 
 
 class SupervisedChat:
@@ -92,8 +98,19 @@ class SupervisedChat:
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.sft
-    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
-    model, _ = load_causal_lm("base", tokenizer.fingerprint)
+    # sft.init: the pipeline's own base model, or an open model with its own tokenizer and chat template
+    opened = open_model(cfg.init, "sft.init", cfg.seq_len)
+    if opened is None:
+        tokenizer: ChatTokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
+        model, _ = load_causal_lm("base", tokenizer.fingerprint)
+        base, parent, init_lineage, files = (paths.checkpoint("base"), "checkpoint"), "base", None, None
+    else:
+        tokenizer, model = opened.tokenizer, opened.model
+        base, parent = (opened.folder, "hf"), cfg.init
+        init_lineage, files = {"init": opened.lineage}, tokenizer_files(opened.folder)
+    adapters = None
+    if cfg.lora.enabled:
+        adapters = add_adapters(model, cfg.lora, cfg.train, base_of(*base), where="sft")
     seq_len = min(cfg.seq_len, model.config.max_seq_len)
     examples = chat_data.sft_examples(tokenizer, seq_len)
     objective = SupervisedChat(
@@ -115,7 +132,10 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         checkpoint_model=Transformer(model.config),
         config=model.config,
         tokenizer_fingerprint=tokenizer.fingerprint,
-        parent="base",
+        parent=parent,
+        adapters=adapters,
+        extra_lineage=init_lineage,
+        files=files,
     )
 
 

@@ -1,20 +1,42 @@
 """Bring your own model: open models (Llama 3, SmolLM2, Qwen2, Qwen3, Mistral) imported into the native
 Transformer with logits equal to transformers', exported back; unsupported ones refused before any weight
-is read."""
+is read; the model's own tokenizer and chat template; sft started from an open model with LoRA through the
+real stage, exported merged (transformers reloads it with the same logits), resumed after kill -9; bad
+settings and folders named before any work. tests/test_lora.py: adapters merge, disable, DPO reference."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file
 
-from models.checkpoint import CheckpointError, state_dict_hash
+from models.adapters import folder_sha256
+from models.checkpoint import CheckpointError, load_checkpoint, state_dict_hash
 from models.config import ModelConfig
 from models.hf import export_hf, import_hf
-from tests.helpers.hfmodels import FAMILIES, hf_logits, hf_model, reload_logits, save_hf
+from tasks.core import paths
+from tasks.core.config import ConfigError, resolve_params
+from tasks.data.hf_chat import HFChatTokenizer, TemplateError
+from tests.helpers.hfmodels import (
+    FAMILIES,
+    SFT,
+    hf_logits,
+    hf_model,
+    ok,
+    open_model_workspace,
+    reload_logits,
+    save_chat_tokenizer,
+    save_hf,
+    stage,
+)
 
 TOL = 1e-4
 
@@ -164,3 +186,166 @@ def test_folder_that_is_not_a_model_is_named(tmp_path: Path) -> None:
     (src / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         import_hf(src)
+
+
+# ---------------------------------------------------------------------- the model's own tokenizer
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_hf_chat_tokenizer_renders_as_transformers_and_masks_assistant_turns(
+    tmp_path: Path, style: str
+) -> None:
+    folder = save_chat_tokenizer(tmp_path / "m", style, vocab_size=300)
+    ours = HFChatTokenizer.load(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What does json.dumps do?"},
+        {"role": "assistant", "content": "It encodes a value."},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "It returns the text."},
+    ]
+    ids, mask = ours.render_chat(conv)
+    assert ids == list(theirs.apply_chat_template(conv, tokenize=True, return_dict=False))
+    prompt, _ = ours.render_chat(conv[:2], add_generation_prompt=True)
+    assert prompt == list(theirs.apply_chat_template(conv[:2], add_generation_prompt=True, return_dict=False))
+    end = ours.end_id
+    targets = ours.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
+    end_text = ours.tokenizer.id_to_token(end)
+    assert targets.replace("\n", "") == f"It encodes a value.{end_text}It returns the text.{end_text}"
+    assert end_text == {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[style]
+    # the fingerprint covers the template, not only tokenizer.json
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] += "{# another revision of the template #}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert HFChatTokenizer.load(folder).fingerprint != ours.fingerprint
+
+
+def test_folder_without_chat_template_or_eos_is_refused(tmp_path: Path) -> None:
+    folder = save_chat_tokenizer(tmp_path / "m", "chatml", vocab_size=300)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": None}))
+    with pytest.raises(TemplateError, match="has no chat template"):
+        HFChatTokenizer.load(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": None}))
+    with pytest.raises(TemplateError, match="no eos_token"):
+        HFChatTokenizer.load(folder)
+
+
+# ---------------------------------------------------------------------- sft from an open model, with LoRA
+
+
+@pytest.fixture(scope="module")
+def sft_lora(tmp_path_factory) -> Path:
+    root = open_model_workspace(tmp_path_factory.mktemp("sft-lora"), SFT)
+    ok(stage(root, "sft"))
+    return root
+
+
+def test_sft_with_lora_from_an_open_model_exports_merged(sft_lora: Path, tmp_path: Path) -> None:
+    ckpt = sft_lora / paths.checkpoint("sft")
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "adapter.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    meta = json.loads((ckpt / "config.json").read_text())
+    folder = sft_lora / "init/qwen3"
+    assert meta["init"]["sha256"] == folder_sha256(folder) == meta["adapter"]["base"]["sha256"]
+    assert meta["tokenizer_fingerprint"] == HFChatTokenizer.load(folder).fingerprint
+    adapters = load_file(str(ckpt / "adapter.safetensors"))
+    assert all(".lora_" in k for k in adapters) and len(adapters) == 2 * 7 * 2  # A, B x 7 targets x 2 layers
+    assert all(adapters[k].abs().max() > 0 for k in adapters if "lora_B" in k), "B starts at 0: it learned"
+
+    with contextlib.chdir(sft_lora):
+        merged, _ = load_checkpoint(ckpt)
+    base = import_hf(folder)
+    x = tokens(vocab=300)
+    with torch.no_grad():
+        ours, before = merged(x), base(x)
+    assert (ours - before).abs().max().item() > 1e-4, "the merged adapters change the model"
+    export_hf(merged, tmp_path / "export")
+    assert (reload_logits(tmp_path / "export", x) - ours).abs().max().item() < TOL
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "qwen3"
+
+
+def test_lora_resumes_after_kill_to_the_same_adapters(sft_lora: Path, tmp_path: Path) -> None:
+    root = open_model_workspace(tmp_path / "ws", SFT)
+    killed = stage(root, "sft", kill_at=3)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (root / paths.checkpoint("sft")).exists()
+    ok(stage(root, "sft"))
+    metrics = json.loads((root / paths.METRICS / "sft.json").read_text())
+    assert metrics["resumed_from_step"] == 2
+    name = "adapter.safetensors"
+    resumed = (root / paths.checkpoint("sft") / name).read_bytes()
+    assert resumed == (sft_lora / paths.checkpoint("sft") / name).read_bytes()
+
+
+def test_adapter_checkpoint_refuses_a_changed_base(sft_lora: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    shutil.copytree(sft_lora, root)
+    cfg = json.loads((root / "init/qwen3/config.json").read_text())
+    (root / "init/qwen3/config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+    with (
+        contextlib.chdir(root),
+        pytest.raises(CheckpointError, match="changed since the adapters were trained"),
+    ):
+        load_checkpoint(paths.checkpoint("sft"))
+
+
+# ---------------------------------------------------------------------- bad input, before any work
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pretrain.lora.enabled=true", "unknown config key.*pretrain.lora"),
+        ("grpo.lora.enabled=true", "unknown config key.*grpo.lora"),
+        (
+            "sft.lora.target_modules=[q_proj, qkv]",
+            "sft.lora: lora.target_modules\\[1\\]='qkv' matches no module",
+        ),
+        ("dpo.lora.rank=0", "dpo.lora: lora.rank must be an integer >= 1"),
+        ("reward.lora.dropout=1.0", "reward.lora: lora.dropout must be in \\[0, 1\\)"),
+        ("sft.init=hf:HuggingFaceTB/SmolLM2-135M", "sft.init=.*with the revision .* pinned"),
+        ("sft.init=/models/qwen", "sft.init='/models/qwen': expected `pipeline`, hf:"),
+        ("sft.init=init/../data", "sft.init='init/../data': expected"),
+    ],
+)
+def test_bad_init_and_lora_settings_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_params("tiny", [override])
+
+
+@pytest.mark.parametrize(
+    ("setup", "overrides", "message"),
+    [
+        ("big-tokenizer", [], "has 300 tokens but the model's embedding has 96 rows"),
+        ("missing", ["sft.init=init/absent"], "sft.init='init/absent': no such folder"),
+        ("sliding-window", [], "sliding_window=16 < max_position_embeddings"),
+        ("no-template", [], "has no chat template"),
+        (
+            "bf16-base",
+            ["sft.lora.base_bf16=true", "sft.train.bf16=false"],
+            "sft.lora.base_bf16=true needs sft.train.bf16",
+        ),
+    ],
+)
+def test_bad_open_model_fails_before_any_work(
+    tmp_path: Path, setup: str, overrides: list[str], message: str
+) -> None:
+    root = open_model_workspace(tmp_path / "ws", SFT + overrides)
+    folder = root / "init/qwen3"
+    if setup == "big-tokenizer":
+        save_hf(hf_model("qwen3", vocab_size=96), folder)
+    if setup == "sliding-window":
+        save_hf(hf_model("qwen2", vocab_size=320, use_sliding_window=True, sliding_window=16), folder)
+    if setup == "no-template":
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": None}))
+    proc = stage(root, "sft")
+    assert proc.returncode != 0
+    assert re.search(message, proc.stdout + proc.stderr), proc.stderr[-2000:]
+    assert not (root / "data/checkpoints/sft").exists() and not (root / "data/state/sft").exists()

@@ -136,18 +136,77 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INIT_DIR = "init"  # open models to start from live here: sft's DVC dep (init/README.md)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) on a post-training stage: the base is frozen, only the adapters (and a reward or
+    value head) learn; the checkpoint holds the adapters and the hash of its base (tasks/train/lora.py)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    base_bf16: bool = False  # keep the frozen base in bf16 (half its memory); needs train.bf16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
+        if not (isinstance(self.alpha, int | float) and 0 < self.alpha < float("inf")):
+            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty: name the linear layers to adapt")
+        for i, name in enumerate(self.target_modules):
+            if name not in LORA_TARGETS:
+                raise ValueError(
+                    f"lora.target_modules[{i}]={name!r} matches no module of the model; "
+                    f"the linear layers are {', '.join(LORA_TARGETS)}"
+                )
+
+
+def check_init(init: str, key: str) -> None:
+    """`pipeline` (the pipeline's own model), a folder under init/ holding a Hugging Face model, or
+    `hf:<org>/<name>@<revision>` (downloaded into init/hub/ at a pinned revision)."""
+    if init == "pipeline":
+        return
+    if init.startswith("hf:"):
+        if not re.fullmatch(r"hf:[\w.-]+/[\w.-]+@[\w./-]+", init):
+            raise ValueError(
+                f"{key}={init!r}: a Hub model is hf:<org>/<name>@<revision>, with the revision (commit, tag "
+                "or branch) pinned so that a run can be repeated"
+            )
+        return
+    parts = Path(init).parts
+    if Path(init).is_absolute() or len(parts) < 2 or parts[0] != INIT_DIR or ".." in parts:
+        raise ValueError(
+            f"{key}={init!r}: expected `pipeline`, hf:<org>/<name>@<revision>, or a folder under {INIT_DIR}/ "
+            f"(copy the model there: {INIT_DIR}/ is a DVC dep of the stage, so editing it re-runs the stage)"
+        )
+
+
 @dataclass
 class SFTConfig:
     seq_len: int = 256
     val_fraction: float = 0.1
     packing: bool = False  # pack conversations into seq_len rows; doc_ids keep attention per conversation
+    init: str = "pipeline"  # the model to start from: pipeline | init/<folder> | hf:<org>/<name>@<revision>
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=3e-4, min_lr=3e-5))
+
+    def __post_init__(self) -> None:
+        check_init(self.init, "sft.init")
 
 
 @dataclass
 class RewardConfig:
     seq_len: int = 256
     val_fraction: float = 0.1
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-4, min_lr=1e-5))
 
 
@@ -159,6 +218,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid | ipo
     label_smoothing: float = 0.0
     reference: str = "sft"  # checkpoint under data/checkpoints/ used as the frozen reference
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, min_lr=1e-6))
 
 
@@ -180,6 +240,7 @@ class RLHFConfig:
     reference: str = "sft"
     temperature: float = 1.0
     top_k: int = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, lr=1e-5, min_lr=1e-6))
 
 

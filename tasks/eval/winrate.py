@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.adapters import weights_sha256
 from tasks.core.io import sha256_file
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.train.rollouts import greedy_responses, score_responses, score_with_reward_model
@@ -133,7 +134,7 @@ def protocol(
         "stop_tokens": [tokenizer.specials.end, tokenizer.specials.eos],
         "score": "reward model (scalar head) value at the last token of prompt + response",
         "win": "policy reward > reference reward: 1; equal reward or identical response: 0.5; else 0",
-        "reward_checkpoint_sha256": sha256_file(checkpoints["reward"] / "model.safetensors"),
-        "reference_checkpoint_sha256": sha256_file(checkpoints["reference"] / "model.safetensors"),
+        "reward_checkpoint_sha256": weights_sha256(checkpoints["reward"]),
+        "reference_checkpoint_sha256": weights_sha256(checkpoints["reference"]),
         "preference_sha256": sha256_file(preference),
     }

@@ -317,6 +317,9 @@ def train_stage(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     extra_metrics: dict[str, float] | None = None,
     weights_to_save: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    adapters: Any = None,
+    extra_lineage: dict[str, Any] | None = None,
+    files: dict[str, Path] | None = None,
 ) -> dict[str, float]:
     """Train a stage's objective, then write its outputs: the ending every training stage shares.
 
@@ -324,7 +327,10 @@ def train_stage(
     data/metrics/<stage>.json, the weights (loaded into `checkpoint_model`, whose config is `config`) in
     data/checkpoints/<model>/ as the stage registry names it, with its lineage (tokenizer fingerprint,
     stage, parent model). `weights_to_save` maps the trained state dict to the checkpoint's (e.g. PPO drops
-    its value head). Returns the last metrics.
+    its value head). With `adapters` (tasks/train/lora.py) the checkpoint holds the LoRA adapters and a
+    pointer to their base instead (models/adapters.py). `extra_lineage` joins the lineage in config.json
+    (e.g. the open model a stage started from), `files` are copied into the checkpoint (its tokenizer).
+    Returns the last metrics.
 
     The three outputs change together. They are staged in data/state/<stage>/final/, then a COMPLETE
     marker (with the run's fingerprint) is written, then they are moved into place (checkpoint, metrics,
@@ -379,7 +385,8 @@ def train_stage(
     if rank == 0:
         from models.checkpoint import save_checkpoint
 
-        checkpoint_model.load_state_dict(state)
+        if adapters is None:
+            checkpoint_model.load_state_dict(state)
         rounded = {k: round(float(v), 6) for k, v in metrics.items()}
         # Timings vary run to run; the checkpoint keeps only what the weights determine, so that the same
         # inputs give a byte-identical checkpoint directory (dvc.lock hash).
@@ -387,8 +394,17 @@ def train_stage(
         lineage = {"tokenizer_fingerprint": tokenizer_fingerprint, "stage": stage}
         if parent is not None:
             lineage["parent"] = parent
-        meta = {**lineage, "metrics": learned}
-        save_checkpoint(final / STAGED["checkpoint"], checkpoint_model, config, meta=meta)
+        meta = {**lineage, **(extra_lineage or {}), "metrics": learned}
+        if adapters is not None:
+            from models.adapters import save_adapter_checkpoint
+            from models.checkpoint import model_kind
+
+            kind = model_kind(checkpoint_model)
+            tensors = adapters.tensors(state)
+            out = final / STAGED["checkpoint"]
+            save_adapter_checkpoint(out, tensors, config, kind, adapters.describe(), meta=meta, files=files)
+        else:
+            save_checkpoint(final / STAGED["checkpoint"], checkpoint_model, config, meta=meta, files=files)
         write_json(final / STAGED["metrics"], rounded)
         kill_at("before-commit")
         run_fp = {**fingerprint, "world_size": world_size()}

@@ -17,7 +17,15 @@ def make_project(root: Path, profile: str = "tiny") -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for item in ("flows", "tasks", "models", "conf", "data/mmlu"):
         shutil.copytree(REPO / item, root / item, ignore=ignore)
-    for item in ("dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore"):
+    (root / "init").mkdir()  # sft's dep (open models); only its README, not models a user put there
+    for item in (
+        "dvc.yaml",
+        "pyproject.toml",
+        ".gitignore",
+        ".dvcignore",
+        "init/README.md",
+        "init/.gitignore",
+    ):
         shutil.copy(REPO / item, root / item)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for cmd in (

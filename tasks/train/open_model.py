@@ -1,0 +1,118 @@
+"""Starting a stage from an open model: `<stage>.init` = pipeline | init/<folder> | hf:<org>/<name>@<revision>.
+
+A folder under init/ holds a Hugging Face model as save_pretrained writes it (config.json, model.safetensors
+or shards + index, tokenizer.json, tokenizer_config.json with the chat template). init/ is a DVC dep of
+the stages that read it, so replacing a model there re-runs them. `hf:` ids are downloaded with
+huggingface_hub.snapshot_download at the pinned revision into init/hub/<org>--<name>@<revision>/ (files
+only: model weights in safetensors, config, tokenizer; never pickles).
+
+`open_model` checks everything it can before reading a weight: the architecture (models/hf.py names what
+is unsupported), the tokenizer and chat template, and that every token id has an embedding row. The
+lineage it returns (source, folder content sha256, model_type) goes into the checkpoint's config.json.
+Every checkpoint of that line carries the model's tokenizer files; `stage_tokenizer` finds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.llama import Transformer
+from tasks.core import paths
+from tasks.core.config import INIT_DIR, ConfigError
+from tasks.core.stage import StageError
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.data.hf_chat import HFChatTokenizer, check_vocab, is_hf_tokenizer_dir
+
+log = logging.getLogger(__name__)
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # no *.bin, *.pt: never pickles
+
+
+@dataclass
+class OpenModel:
+    model: Transformer
+    tokenizer: HFChatTokenizer
+    folder: Path
+    lineage: dict[str, Any]
+
+
+def hub_folder(init: str) -> Path:
+    """init/hub/<org>--<name>@<revision> for hf:<org>/<name>@<revision>."""
+    repo, revision = init[len("hf:") :].split("@", 1)
+    return Path(INIT_DIR) / "hub" / f"{repo.replace('/', '--')}@{revision.replace('/', '--')}"
+
+
+def resolve_init(init: str, key: str) -> Path | None:
+    """The local folder of `init` (downloading a hf: id at its revision first); None for `pipeline`."""
+    if init == "pipeline":
+        return None
+    if init.startswith("hf:"):
+        folder = hub_folder(init)
+        if not (folder / "config.json").is_file():
+            repo, revision = init[len("hf:") :].split("@", 1)
+            from huggingface_hub import snapshot_download
+
+            log.info("downloading %s at revision %s into %s", repo, revision, folder)
+            try:
+                snapshot_download(repo, revision=revision, local_dir=folder, allow_patterns=HUB_FILES)
+            except Exception as exc:  # no network, unknown id or revision: name the key
+                raise ConfigError(f"{key}={init!r}: cannot download it: {exc}") from exc
+        return folder
+    folder = Path(init)
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={init!r}: no such folder (copy the Hugging Face model folder there)")
+    return folder
+
+
+def open_model(init: str, key: str, seq_len: int) -> OpenModel | None:
+    """The model and tokenizer `init` names, checked before any weight is read; None for `pipeline`."""
+    from models.adapters import folder_sha256
+    from models.hf import config_from_hf, import_hf, read_hf_config
+
+    folder = resolve_init(init, key)
+    if folder is None:
+        return None
+    try:
+        raw = read_hf_config(folder)
+        config = config_from_hf(raw, folder / "config.json")
+        tokenizer = HFChatTokenizer.load(folder)
+        check_vocab(tokenizer, config.vocab_size, key)
+    except (ValueError, FileNotFoundError) as exc:
+        raise StageError(f"{key}={init!r}: {exc}") from exc
+    if seq_len > config.max_seq_len:
+        raise StageError(
+            f"{key}={init!r}: seq_len={seq_len} exceeds the model's context {config.max_seq_len}"
+        )
+    lineage = {
+        "source": init,
+        "folder": str(folder),
+        "sha256": folder_sha256(folder),
+        "model_type": raw.get("model_type"),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
+    model = import_hf(folder)
+    log.info("%s: %s (%s, %d parameters)", key, init, raw.get("model_type"), model.num_params())
+    return OpenModel(model, tokenizer, folder, lineage)
+
+
+def tokenizer_files(folder: Path) -> dict[str, Path]:
+    """The tokenizer files a checkpoint trained with this folder's tokenizer carries along."""
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    return {n: folder / n for n in names if (folder / n).is_file()}
+
+
+def tokenizer_files_of(tokenizer: Any) -> dict[str, Path] | None:
+    """An open model's tokenizer files, carried by every checkpoint trained with it; None for the
+    pipeline's own tokenizer (data/tokenizer/)."""
+    return tokenizer_files(tokenizer.path.parent) if isinstance(tokenizer, HFChatTokenizer) else None
+
+
+def stage_tokenizer(name: str) -> ChatTokenizer:
+    """The tokenizer data/checkpoints/<name>/ was trained with: the copy it carries when its line started
+    from an open model, else data/tokenizer/."""
+    if is_hf_tokenizer_dir(paths.checkpoint(name)):
+        return HFChatTokenizer.load(paths.checkpoint(name))
+    return ChatTokenizer.load(paths.TOKENIZER_JSON)

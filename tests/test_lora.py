@@ -1,0 +1,118 @@
+"""LoRA adapters: a merged adapter checkpoint equals the peft model it was trained as, disabled adapters are
+the base model, and DPO with LoRA scores its reference with the adapters disabled (one model, no copy)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.adapters import save_adapter_checkpoint, sha256_file
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import ModelConfig
+from models.heads import ScalarHeadModel
+from models.llama import Transformer
+from tasks.core import paths
+from tasks.core.config import LoRAConfig, TrainConfig, load_params
+from tasks.data import chat_data
+from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.dpo import reference_logps
+from tasks.train.lora import AdaptersOff, adapters_disabled, add_adapters, base_of
+from tests.helpers.hfmodels import ok, stage
+from tests.helpers.workspace import make_workspace
+
+
+def tokens(T: int, vocab: int = 64) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "scalar_head"])
+def test_merged_adapter_checkpoint_equals_the_peft_model(tmp_path: Path, kind: str) -> None:
+    torch.manual_seed(0)
+    base = Transformer(
+        ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32)
+    )
+    save_checkpoint(tmp_path / "base", base, base.config, meta={"stage": "test"})
+    model = base if kind == "causal_lm" else ScalarHeadModel(base)
+    cfg = LoRAConfig(enabled=True, rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    keep = () if kind == "causal_lm" else ("value_head.weight", "value_head.bias")
+    adapters = add_adapters(
+        model, cfg, TrainConfig(), base_of(tmp_path / "base", "checkpoint"), where="t", keep=keep
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n in keep for n in trainable)
+    x = tokens(20)
+    with torch.no_grad():
+        before = model(x).clone()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.2)  # as after training: B != 0, a changed head
+        trained = model(x)
+    tensors = adapters.tensors(model.state_dict())
+    save_adapter_checkpoint(tmp_path / "ckpt", tensors, base.config, kind, adapters.describe())
+    merged, _ = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert (merged(x) - trained).abs().max().item() < 1e-5
+        assert (trained - before).abs().max().item() > 1e-3
+
+
+def test_disabled_adapters_give_the_base_model() -> None:
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, d_model=32, max_seq_len=32)
+    )
+    x = tokens(12)
+    with torch.no_grad():
+        base = model(x).clone()
+    add_adapters(model, LoRAConfig(enabled=True, rank=2), TrainConfig(), {}, where="t")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5)
+        assert (model(x) - base).abs().max().item() > 1e-3
+        with adapters_disabled(model):
+            assert torch.equal(model(x), base)
+        assert (AdaptersOff(model)(x) - base).abs().max().item() == 0
+        assert (model(x) - base).abs().max().item() > 1e-3, "adapters are back on after the context"
+
+
+def test_dpo_with_lora_scores_the_reference_with_adapters_disabled(tmp_path: Path) -> None:
+    """One model: the cached reference log-probs are those of the SFT model itself (the policy's frozen base),
+    and the checkpoint holds adapters pointing at data/checkpoints/sft."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    dpo = [
+        "dpo.lora.enabled=true",
+        "dpo.train.max_steps=4",
+        "dpo.train.checkpoint_every=2",
+        "dpo.train.eval_every=4",
+    ]
+    make_workspace(root, dpo)
+    tok = ChatTokenizer.load(root / paths.TOKENIZER_JSON)
+    torch.manual_seed(0)
+    sft = Transformer(
+        ModelConfig(vocab_size=384, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128)
+    )
+    meta = {"tokenizer_fingerprint": tok.fingerprint, "stage": "sft"}
+    save_checkpoint(root / paths.checkpoint("sft"), sft, sft.config, meta=meta)
+    assert stage(root, "dpo", kill_at=3).returncode == -signal.SIGKILL  # the state (and its cache) stays
+    with contextlib.chdir(root):
+        params = load_params(root / "params.yaml")
+        pairs = chat_data.preference_pairs(tok, params.dpo.seq_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params.dpo.train.bf16):
+            expected = reference_logps(sft.eval(), pairs, tok.pad_id, batch_size=16)
+    cached = load_file(str(root / paths.STATE / "dpo" / "reference_logps.safetensors"))["logps"]
+    assert (cached - expected).abs().max().item() < 1e-4
+    ok(stage(root, "dpo"))
+    meta = json.loads((root / paths.checkpoint("dpo") / "config.json").read_text())
+    assert meta["adapter"]["base"] == {
+        "path": "data/checkpoints/sft",
+        "format": "checkpoint",
+        "sha256": sha256_file(root / paths.checkpoint("sft") / "model.safetensors"),
+    }
+    assert not (root / paths.checkpoint("dpo") / "model.safetensors").exists()

@@ -88,15 +88,13 @@ def test_rolling_nll_matches_token_by_token_and_shard_reader(bpe, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the stage
-class Recorder:
-    def __init__(self):
-        self.metrics, self.artifacts = {}, []
+def logged(run_id: str) -> SimpleNamespace:
+    """What the MLflow store (the session's sqlite one) holds for a run: its metrics and eval/ artifacts."""
+    from tasks.core import tracking
 
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append(Path(path).name)
+    client = tracking.client()
+    artifacts = [Path(a.path).name for a in client.list_artifacts(run_id, "eval")]
+    return SimpleNamespace(metrics=client.get_run(run_id).data.metrics, artifacts=artifacts)
 
 
 def make_workspace(root: Path, tok: ChatTokenizer, vocab: int = 1024) -> None:
@@ -153,8 +151,11 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
         )
     )
     params.evaluate.winrate_prompts, params.evaluate.max_new_tokens = 3, 6
-    tracker = Recorder()
-    summary = evaluate.run(params, tracker)
+    from tasks.core import tracking
+
+    with tracking.stage_run("evaluate", params) as run:
+        summary = evaluate.run(params, run)
+    tracker = logged(run.run_id)  # read back from the store: what a user sees in the MLflow UI
     assert {k.split("/")[0] for k in summary} == {"base", "sft", "dpo"}  # the reward model is not an LM
     assert {"base/mmlu_acc", "base/ppl", "base/bpb", "sft/mmlu_acc_stem"} <= set(summary)
     # Win rate: the policies only (not base); SFT against itself is exactly a tie on every prompt.

@@ -10,7 +10,8 @@
     pipeline replay pipeline-base@champion                            # reproduce it from its lineage
 
 Every check that can fail without doing work (profile, keys, types, source paths, tracking store)
-runs before the first stage starts.
+runs before the first stage starts. An error ends with one message saying what failed and what to do
+(exit code 2 for bad input, 1 for a failed stage); `pipeline --debug ...` adds the Python traceback.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 from tasks.core.config import ConfigError, dump_params, resolve_params
 
 
-def _clean(exc: BaseException) -> str:
+def _clean(exc: BaseException | str) -> str:
     """An error message as printed: URIs without passwords or tokens, secret values masked."""
     from tasks.core.secrets import redact
 
@@ -38,20 +41,50 @@ def _resolve(args: argparse.Namespace):
     return params
 
 
+def quiet_console_tracebacks() -> None:
+    """Prefect prints a failed task's traceback on the console; `pipeline run` ends with one message
+    instead. The traceback stays in the stage's log file and in the Prefect UI: Prefect's API handler
+    has formatted the record before the console handler (on the root logger) sees it."""
+    import logging
+
+    class NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.addFilter(NoTraceback())
+
+
 def cmd_params(args: argparse.Namespace) -> int:
-    dump_params(_resolve(args), Path("params.yaml"))
+    from flows.lock import command_line, project_lock
+
+    params = _resolve(args)
+    with project_lock(Path.cwd(), command_line(), wait=args.wait):
+        dump_params(params, Path("params.yaml"))
     print(f"wrote params.yaml (profile {args.profile}); run `dvc repro` to reproduce")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.lock import command_line, project_lock
+
     _resolve(args)
+    # The lock before Prefect and MLflow start: a second run in this project is refused in seconds.
+    with project_lock(Path.cwd(), command_line(), wait=args.wait):
+        return _run_flow(args)
+
+
+def _run_flow(args: argparse.Namespace) -> int:
     from tasks.core import tracking
 
     tracking.check_reachable()  # an unreachable tracking server fails here in seconds, before any training
     tracking.setup()
     from flows.pipeline import pipeline
 
+    if not args.debug:
+        quiet_console_tracebacks()
     results = pipeline(
         profile=args.profile,
         overrides=args.set or [],
@@ -59,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         retries=args.retries,
         retry_delay_seconds=args.retry_delay,
+        wait_for_lock=args.wait,
     )
     print("stages:", ", ".join(f"{k}={v}" for k, v in results.items()))
     return 0
@@ -146,61 +180,130 @@ def use_project_history() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network beyond the registry
 
 
-def main(argv: list[str] | None = None) -> int:
-    use_project_history()
-    parser = argparse.ArgumentParser(
-        prog="pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+class _Formatter(argparse.HelpFormatter):
+    """Every option's default after its help, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _TopFormatter(argparse.RawDescriptionHelpFormatter, _Formatter):
+    """The module docstring as written."""
+
+
+PROFILE_HELP = (
+    "conf/profiles/<PROFILE>.yaml: tiny (tests, minutes), cpu (make run), gpu (one GPU, real corpora)"
+)
+SET_HELP = "override one key on top of the profile, e.g. pretrain.train.max_steps=50 (repeatable)"
+MODEL_HELP = "a registered model: <name>@<alias> (e.g. pipeline-sft@champion) or <name>/<version>"
+COMMANDS = {  # name: (one line for `pipeline --help`, the description of `pipeline <name> --help`)
+    "run": (
+        "resolve params.yaml, then run the stage graph as a Prefect flow (MLflow records every stage)",
+        "Write params.yaml (profile + overrides, checked before any work), then run the DVC stages in graph "
+        "order as the Prefect flow `llm-pipeline`: stages up to date are skipped, a failed stage is retried, "
+        "and running it again after a failure resumes where it stopped.",
+    ),
+    "params": (
+        "only write params.yaml (then `dvc repro` or `dvc exp run` reproduces the pipeline)",
+        "Resolve the profile and overrides into params.yaml (every key checked) without running anything.",
+    ),
+    "deploy": (
+        "create a Prefect deployment of the flow and serve its runs (from the UI, a schedule or the API)",
+        "Create or update the deployment `llm-pipeline/<name>` with these parameters and serve its runs in "
+        "this working tree, one at a time, until Ctrl-C. Start runs from the Prefect UI (`pipeline ui`).",
+    ),
+    "stages": ("print the stage order read from dvc.yaml, with each stage's upstream stages", None),
+    "ui": (
+        "start the Prefect UI and the MLflow UI on 127.0.0.1 (run history of this project); Ctrl-C stops both",
+        "Start `prefect server start` and `mlflow server` on the loopback interface, on this project's "
+        "databases (.prefect/prefect.db, mlflow.db); later `pipeline` commands in this directory use them.",
+    ),
+    "chat": ("interactive terminal chat with a registered model, streamed token by token", None),
+    "export": (
+        "write a registered model as a Hugging Face checkpoint with its tokenizer and model card",
+        "Write the model as a Hugging Face checkpoint (transformers loads it), its tokenizer and a README.md "
+        "model card, after checking its integrity manifest.",
+    ),
+    "replay": (
+        "rebuild a registered model from its recorded commit and params (git worktree + dvc repro)",
+        None,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `pipeline` command line: every subcommand and option carries its help."""
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__, formatter_class=_TopFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, print the Python traceback as well as the message"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Any) -> argparse.ArgumentParser:
+        short, long = COMMANDS[name]
+        p = sub.add_parser(name, help=short, description=long or short, formatter_class=_Formatter)
+        p.set_defaults(fn=fn)
+        return p
+
     for name, fn in (("run", cmd_run), ("params", cmd_params), ("deploy", cmd_deploy)):
-        p = sub.add_parser(name)
-        p.add_argument("--profile", default="cpu", help="conf/profiles/<profile>.yaml (tiny, cpu, gpu)")
-        p.add_argument(
-            "--set", action="append", metavar="KEY=VALUE", help="override, e.g. pretrain.train.lr=3e-4"
-        )
-        if name == "run":
-            p.add_argument("--stage", action="append", help="run only these stages (repeatable)")
-            p.add_argument("--force", action="store_true", help="re-run stages even if up to date")
-        if name in ("run", "deploy"):
-            p.add_argument("--retries", type=int, default=1, help="retries of a failed stage (default 1)")
+        p = command(name, fn)
+        p.add_argument("--profile", default="cpu", help=PROFILE_HELP)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
         if name == "run":
             p.add_argument(
-                "--retry-delay", type=float, default=5.0, help="seconds before the first retry (doubles)"
+                "--stage", action="append", metavar="STAGE", help="run only this stage (repeatable)"
+            )
+            p.add_argument(
+                "--force", action="store_true", help="re-run stages even if DVC finds them up to date"
+            )
+        if name in ("run", "params"):
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help="if another pipeline command is running in this project, wait for it instead of failing",
+            )
+        if name in ("run", "deploy"):
+            p.add_argument("--retries", type=int, default=1, help="retries of a failed stage")
+        if name == "run":
+            p.add_argument(
+                "--retry-delay",
+                type=float,
+                default=5.0,
+                help="seconds before the first retry (doubles after)",
             )
         if name == "deploy":
-            p.add_argument("--name", default="default", help="deployment name: llm-pipeline/<name>")
+            p.add_argument("--name", default="default", help="the deployment is llm-pipeline/<NAME>")
             when = p.add_mutually_exclusive_group()
-            when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *"')
-            when.add_argument("--interval", type=float, help="schedule every N seconds")
-        p.set_defaults(fn=fn)
-    p = sub.add_parser("stages")
-    p.set_defaults(fn=cmd_stages)
-    p = sub.add_parser("ui")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--prefect-port", type=int, default=4200)
-    p.add_argument("--mlflow-port", type=int, default=5000)
-    p.add_argument("--mlflow-store", help="backend store URI (default: the pipeline's, sqlite mlflow.db)")
+            when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (none: runs start from the UI)')
+            when.add_argument("--interval", type=float, help="schedule a run every INTERVAL seconds")
+    command("stages", cmd_stages)
+    p = command("ui", cmd_ui)
+    p.add_argument("--host", default="127.0.0.1", help="interface both servers bind to (keep it loopback)")
+    p.add_argument("--prefect-port", type=int, default=4200, help="port of the Prefect server and UI")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="port of the MLflow server and UI")
+    p.add_argument(
+        "--mlflow-store", help="MLflow backend store URI (default: the pipeline's, sqlite mlflow.db)"
+    )
     p.add_argument(
         "--artifacts", help="artifact root of new experiments (default: mlartifacts/ beside a sqlite store)"
     )
-    p.set_defaults(fn=cmd_ui)
-    for name, fn, helptext in (
-        ("chat", cmd_chat, "interactive chat with a registered model, streamed"),
-        ("export", cmd_export, "write a registered model as a Hugging Face Llama checkpoint"),
-        ("replay", cmd_replay, "reproduce a registered model from its lineage (git worktree + dvc repro)"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument(
-            "model", help="<registered name>@<alias> (e.g. pipeline-sft@champion) or <name>/<version>"
-        )
+    for name, fn in (("chat", cmd_chat), ("export", cmd_export), ("replay", cmd_replay)):
+        p = command(name, fn)
+        p.add_argument("model", help=MODEL_HELP)
         if name == "chat":
-            p.add_argument("--max-new-tokens", type=int, default=128)
-            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-            p.add_argument("--top-k", type=int, default=0, help="0 = off")
-            p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+            p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
+            p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+            p.add_argument(
+                "--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 = off"
+            )
+            p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
             p.add_argument("--system", help="a system message that starts the conversation")
         if name == "export":
-            p.add_argument("out_dir")
+            p.add_argument("out_dir", help="the directory to write (created; see --force)")
             p.add_argument(
                 "--force",
                 action="store_true",
@@ -212,31 +315,68 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--trusted-ref",
                 default="HEAD",
-                help="replay only a commit in the history of this ref (default HEAD: the current branch)",
+                help="replay only a commit in the history of this ref (HEAD: the current branch)",
             )
-        p.set_defaults(fn=fn)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"pipeline {v('llm-pipeline')} (prefect {v('prefect')}, mlflow {v('mlflow')}, dvc {v('dvc')})"
+
+
+# Errors whose message says what is wrong and where: printed alone (TrackingError covers ModelRefError
+# and ModelIntegrityError; StageFailed is a stage of the flow that failed).
+CLEAR_ERRORS = {"StageError", "TrackingError", "ReplayError", "ExportError", "StageFailed", "ProjectBusy"}
+
+
+def quiet_libraries() -> None:
+    """No library chatter on everyday commands: MLflow announces creating its tables at INFO."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    use_project_history()
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
     from flows.deploy import apply_ui_state
 
     if args.command != "ui":
         apply_ui_state()  # a `pipeline ui` running in this directory: use its servers
     try:
-        return args.fn(args)
+        return int(args.fn(args))
     except ConfigError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"pipeline: config error: {_clean(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pipeline: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
-        # Errors that say what is wrong (TrackingError covers ModelRefError and ModelIntegrityError);
-        # printed without a traceback and without the secrets a URI in them may hold.
-        if {c.__name__ for c in type(exc).__mro__} & {
-            "StageError",
-            "TrackingError",
-            "ReplayError",
-            "ExportError",
-        }:
+        if args.debug:
+            traceback.print_exc()
+        names = {c.__name__ for c in type(exc).__mro__}
+        if "StageFailed" in names:
+            print(f"\npipeline: {_clean(exc.advice())}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+        if names & CLEAR_ERRORS:
             print(f"pipeline: {_clean(exc)}", file=sys.stderr)
             return 2
-        raise
+        # Not an error we anticipated: the message, without the secrets a URI in it may hold.
+        hint = "" if args.debug else " (run again with --debug for the traceback)"
+        print(f"pipeline: {type(exc).__name__}: {_clean(exc)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

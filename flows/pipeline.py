@@ -13,9 +13,11 @@ a markdown artifact (`pipeline-summary`): the stage table, key metrics and links
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +26,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as prefect_flow_run
 from pydantic import Field
 
+from flows.lock import project_lock
 from tasks.core import tracking
-from tasks.core.config import ConfigError, dump_params, load_params, resolve_params
+from tasks.core.config import ConfigError, Params, dump_params, load_params, resolve_params
 from tasks.core.stages import stage_order
 
 # Typed flow parameters: the Prefect UI renders them as a form; the API validates them on run creation.
@@ -54,24 +57,69 @@ def backoff(retries: int, first_delay: float) -> list[float]:
     return [first_delay * 2**i for i in range(retries)]
 
 
+class StageFailed(RuntimeError):
+    """A stage of the flow failed: which one, why (the stage's own error line) and where its log is."""
+
+    def __init__(self, stage: str, cause: str, log_path: str) -> None:
+        self.stage, self.cause, self.log_path = stage, cause, log_path
+        super().__init__(f"stage `{stage}` failed: {cause} (log: {log_path})")
+
+    def advice(self) -> str:
+        """What `pipeline run` ends with: one paragraph, what failed and what to do."""
+        return (
+            f"stage `{self.stage}` failed: {self.cause.rstrip('.')}. Its log: {self.log_path} (also in the "
+            "Prefect UI, `pipeline ui`). The stages before it are done and locked in dvc.lock: fix the cause "
+            "and run `pipeline run` again; it skips them and resumes from this stage (a training stage from "
+            "its last checkpoint)."
+        )
+
+    def __reduce__(self) -> tuple:  # Prefect may pickle a task's exception
+        return (StageFailed, (self.stage, self.cause, self.log_path))
+
+
+def failure_cause(lines: list[str], returncode: int) -> str:
+    """The line that says why a stage failed: its own `stage <name> failed: ...` log line, else the last
+    line before DVC's closing error (e.g. a SystemExit message), else DVC's error."""
+    for line in reversed(lines):
+        match = re.search(r"stage \S+ failed: (.*)", line)
+        if match:
+            return match.group(1).strip()[:400]
+    own = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("ERROR: failed to reproduce")]
+    dvc = [ln.strip() for ln in lines if ln.startswith("ERROR:")]
+    return (own or dvc or [f"dvc repro exited with code {returncode}"])[-1][:400]
+
+
+def stage_log(cwd: str, stage: str) -> Path:
+    return Path(cwd) / ".pipeline" / "logs" / f"{stage}.log"
+
+
 @task(name="dvc-stage", task_run_name="{stage}", retries=1, retry_delay_seconds=backoff(1, 5.0))
 def run_stage(stage: str, force: bool = False, cwd: str = ".") -> str:
-    """`dvc repro --single-item <stage>`, its output streamed into the Prefect log line by line."""
+    """`dvc repro --single-item <stage>`, its output streamed into the Prefect log line by line and into
+    .pipeline/logs/<stage>.log (the last attempt's)."""
     logger = get_run_logger()
     dvc = str(Path(sys.executable).parent / "dvc")
     cmd = [dvc, "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("running %s", " ".join(cmd[1:]))
+    log_path = stage_log(cwd, stage)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
     assert proc.stdout is not None
     skipped = False
-    for line in proc.stdout:
-        line = line.rstrip()
-        skipped = skipped or "didn't change, skipping" in line
-        logger.info("%s", line)
+    lines: deque[str] = deque(maxlen=200)  # the tail: where the cause is
+    with open(log_path, "w") as log_file:
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            line = line.rstrip()
+            lines.append(line)
+            skipped = skipped or "didn't change, skipping" in line
+            logger.info("%s", line)
     if proc.wait() != 0:
-        raise RuntimeError(f"stage {stage!r} failed (dvc exit code {proc.returncode}); see the log above")
+        shown = os.path.relpath(log_path) if log_path.is_relative_to(Path.cwd()) else str(log_path)
+        raise StageFailed(stage, failure_cause(list(lines), proc.returncode), shown)
     return "skipped" if skipped else "ran"
 
 
@@ -144,6 +192,14 @@ def summary_markdown(
     return tracking.redact("", "\n".join(lines) + "\n")  # URIs and errors may carry credentials
 
 
+def _current_params(path: Path) -> Params | None:
+    """The params in params.yaml, or None when it no longer loads (written by an older version): rewrite it."""
+    try:
+        return load_params(path)
+    except ConfigError:
+        return None
+
+
 @flow(name="llm-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(
     profile: Profile = "cpu",
@@ -152,13 +208,27 @@ def pipeline(
     force: bool = False,
     retries: Retries = 1,
     retry_delay_seconds: RetryDelay = 5.0,
+    wait_for_lock: bool = False,
 ) -> dict[str, str]:
     """Resolve params (profile + overrides) into params.yaml, then run the DVC stages in graph order.
 
     profile: conf/profiles/<profile>.yaml; overrides: KEY=VALUE settings on top of it; stages: run only
     these (empty: all); force: re-run stages even if DVC finds them up to date; retries and
-    retry_delay_seconds: how often a failed stage is retried, with exponential backoff.
+    retry_delay_seconds: how often a failed stage is retried, with exponential backoff; wait_for_lock:
+    queue behind another pipeline command running in this project instead of failing at once.
     """
+    with project_lock(Path.cwd(), f"flow run {prefect_flow_run.id} (profile {profile})", wait=wait_for_lock):
+        return _run_pipeline(profile, overrides, stages, force, retries, retry_delay_seconds)
+
+
+def _run_pipeline(
+    profile: str,
+    overrides: list[str] | None,
+    stages: list[str] | None,
+    force: bool,
+    retries: int,
+    retry_delay_seconds: float,
+) -> dict[str, str]:
     logger = get_run_logger()
     root = Path.cwd()
     params = resolve_params(profile, overrides or [])
@@ -167,7 +237,7 @@ def pipeline(
     if unknown:  # before params.yaml is written: bad input changes nothing
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(order)}")
     params_path = root / "params.yaml"
-    if not params_path.exists() or load_params(params_path) != params:
+    if not params_path.exists() or _current_params(params_path) != params:
         dump_params(params, params_path)
     selected = [s for s in order if not stages or s in stages]
     stage_task = run_stage.with_options(
@@ -191,7 +261,7 @@ def pipeline(
                     results[stage] = stage_task(stage, force=force, cwd=str(root))
                 except Exception as exc:
                     results[stage] = "failed"
-                    error = f"stage `{stage}`: {exc}"
+                    error = str(exc) if isinstance(exc, StageFailed) else f"stage `{stage}`: {exc}"
                     raise
                 finally:
                     seconds[stage] = time.time() - start

@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -436,11 +437,37 @@ def download_verified(version: Any) -> Path:
     return local
 
 
+PREDICT_HINT_WARNING = "Type hint used in the model's predict function is not supported"
+
+
+@contextlib.contextmanager
+def _without_predict_hint_warning() -> Iterator[None]:
+    """Loading the pyfunc, MLflow warns (in red) that its `model_input: Any` hint gives no schema
+    validation: by design, the pyfunc checks every request field itself (tasks/serve/pyfunc.py). MLflow
+    resets the warning filters around that check (`simplefilter("once")`), so a filter cannot hold it:
+    this drops that one message where it is shown, for the duration of the load."""
+    shown = warnings.showwarning
+
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        if not (issubclass(category, UserWarning) and PREDICT_HINT_WARNING in str(message)):
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def load_registered(ref: str) -> tuple[Any, Any]:
     """Load a registered version through MLflow (pyfunc) after checking its files against the integrity
     manifest and tags recorded at registration; returns (the ChatModel instance, the version)."""
     version = resolve_version(ref)
-    pyfunc = mlflow.pyfunc.load_model(str(download_verified(version)))
+    local = download_verified(version)
+    with _without_predict_hint_warning():
+        pyfunc = mlflow.pyfunc.load_model(str(local))
     return pyfunc.unwrap_python_model(), version
 
 

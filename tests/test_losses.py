@@ -2,9 +2,19 @@
 
 import math
 
+import pytest
 import torch
 
-from tasks.train.losses import bradley_terry_loss, dpo_loss, gae, ppo_losses, sequence_logps
+from tasks.train.losses import (
+    bradley_terry_loss,
+    dpo_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    ppo_losses,
+    sequence_logps,
+)
 
 
 def sigmoid(x: float) -> float:
@@ -98,3 +108,87 @@ def test_ppo_value_loss_is_clipped_around_the_old_values():
     # The clipped term is flat in v (token 1); the others pull v toward R; padding gets nothing.
     assert values.grad is not None
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, 1.1 / 3, -0.5 / 3, 0.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+def test_group_advantages_are_relative_to_the_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4
+    adv, std = group_advantages(rewards, 4, scale=True, eps=1e-4)
+    # group 1: mean 0.5, unbiased std sqrt(((0.5^2) * 4) / 3) = sqrt(1/3); group 2: all equal
+    s1 = math.sqrt(1 / 3)
+    expected = [0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4), 0, 0, 0, 0]
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6)
+    assert torch.allclose(std, torch.tensor([s1, 0.0]), atol=1e-6)
+    unscaled, _ = group_advantages(rewards, 4, scale=False)  # Dr. GRPO: r - mean only
+    assert torch.allclose(unscaled, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_kl_k3_matches_hand_computation():
+    logp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
+    expected = [math.exp(d) - d - 1 for d in (-0.5, 1.0, 0.0)]  # d = ref - logp
+    assert torch.allclose(kl_k3(logp, ref), torch.tensor([expected]), atol=1e-6)
+    assert (kl_k3(torch.randn(4, 5), torch.randn(4, 5)) >= 0).all()  # k3 is never negative
+
+
+def test_grpo_loss_clips_the_ratio_in_the_direction_of_the_advantage():
+    old = torch.zeros(2, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5], [1.5, 0.5]]))  # ratios 1.5, 0.5 in both rows
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 2)
+    loss, stats = grpo_loss(new, old, adv, mask, epsilon=0.2)
+    # row 0 (A=1): -min(1.5, 1.2) = -1.2 ; -min(0.5, 0.8) = -0.5
+    # row 1 (A=-1): -min(-1.5, -1.2) = 1.5 ; -min(-0.5, -0.8) = 0.8
+    assert math.isclose(loss.item(), ((-1.2 - 0.5) / 2 + (1.5 + 0.8) / 2) / 2, rel_tol=1e-6)
+    # clipped term active: row 0 token 0 (ratio > 1.2, A > 0), row 1 token 1 (ratio < 0.8, A < 0)
+    assert stats["clip_ratio"].item() == 0.5
+    assert stats["kl"].item() == 0.0  # no reference given
+
+
+def test_grpo_loss_aggregations_and_kl_term():
+    old = torch.zeros(2, 3)
+    new = torch.zeros(2, 3)  # ratio 1 everywhere: the policy term is -A per token
+    ref = torch.tensor([[0.5, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # completions of 2 and 3 tokens
+    beta = 0.1
+    k = [[math.exp(0.5) - 0.5 - 1, 0.0, 0.0], [0.0, math.exp(-1.0) + 1.0 - 1, 0.0]]
+    per = [[-2.0 + beta * k[0][0], -2.0 + beta * k[0][1]], [1.0 + beta * k[1][0], 1.0 + beta * k[1][1], 1.0]]
+    total = sum(sum(r) for r in per)
+
+    def run(loss_type: str) -> float:
+        loss, stats = grpo_loss(
+            new,
+            old,
+            adv,
+            mask,
+            epsilon=0.2,
+            beta=beta,
+            ref_logps=ref,
+            loss_type=loss_type,
+            max_completion_length=4,
+        )
+        assert math.isclose(stats["kl"].item(), (k[0][0] + k[1][1]) / 5, rel_tol=1e-6)
+        return loss.item()
+
+    assert math.isclose(run("grpo"), (sum(per[0]) / 2 + sum(per[1]) / 3) / 2, rel_tol=1e-6)
+    assert math.isclose(run("dapo"), total / 5, rel_tol=1e-6)
+    assert math.isclose(run("dr_grpo"), total / (2 * 4), rel_tol=1e-6)
+    no_kl, _ = grpo_loss(new, old, adv, mask, epsilon=0.2, beta=0.0, ref_logps=ref, loss_type="dapo")
+    assert math.isclose(no_kl.item(), (-2.0 * 2 + 1.0 * 3) / 5, rel_tol=1e-6)  # beta 0: no KL term
+
+
+def test_grpo_loss_gradient_pushes_up_positive_advantages():
+    new = torch.zeros(2, 1, requires_grad=True)
+    loss, _ = grpo_loss(new, new.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 1), epsilon=0.2)
+    loss.backward()
+    assert new.grad is not None and new.grad[0, 0] < 0 < new.grad[1, 0]  # descent raises row 0's logp
+
+
+def test_grpo_loss_bad_options_are_named():
+    x = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="loss_type='bnpo'"):
+        grpo_loss(x, x, torch.zeros(1), x, epsilon=0.2, loss_type="bnpo")
+    with pytest.raises(ValueError, match="dr_grpo.*max_completion_length"):
+        grpo_loss(x, x, torch.zeros(1), x, epsilon=0.2, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="beta=0.1 needs the reference"):
+        grpo_loss(x, x, torch.zeros(1), x, epsilon=0.2, beta=0.1)

@@ -6,6 +6,10 @@ Each is written from its paper's formula so a test can check it against a hand c
   with conservative label smoothing eps: (1-eps) * that + eps * -log sigmoid(-beta * ...)
 - IPO: ((pi_c - ref_c) - (pi_r - ref_r) - 1/(2 beta))^2                              (Azar et al. 2023)
 - PPO: clipped surrogate, clipped value loss, GAE                                   (Schulman et al. 2017)
+- GRPO: group-relative advantages (r - mean_group) / (std_group + eps), the clipped ratio loss and the k3
+  KL estimate exp(ref - logp) - (ref - logp) - 1 to the reference                     (Shao et al. 2024)
+  aggregated per sequence then over the batch (`grpo`), over all tokens (`dapo`, Yu et al. 2025) or by a
+  constant max length (`dr_grpo`, Liu et al. 2025, which also drops the std scaling)
 """
 
 from __future__ import annotations
@@ -101,3 +105,75 @@ def ppo_losses(
     vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
     clipfrac = masked_mean(((ratio - 1).abs() > clip_range).float(), mask)
     return masked_mean(pg, mask), masked_mean(vf, mask), clipfrac
+
+
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards [B] (B = groups * group_size, rows of a group adjacent) -> advantages [B] and the std of each
+    group [B / group_size]. advantage = r - mean(group), divided by (std(group) + eps) when `scale` (the
+    std is the unbiased one, as TRL computes it); scale=False is Dr. GRPO's unscaled advantage."""
+    grouped = rewards.float().view(-1, group_size)  # [groups, G]
+    std = grouped.std(dim=1)  # [groups]
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (std[:, None] + eps)
+    return advantages.flatten(), std
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference) on tokens sampled from the policy (Schulman 2020):
+    exp(ref - logp) - (ref - logp) - 1, >= 0, unbiased. Shapes [B,T] -> [B,T]."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon: float,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of a batch: logps, old_logps, ref_logps, mask [B,T] (mask: completion tokens),
+    advantages [B] (one per completion, every token of it shares it).
+
+    per token: -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon) * A) + beta * k3(logp, ref_logp)
+    aggregation (loss_type): grpo = mean over each completion's tokens, then over completions;
+    dapo = sum over all tokens / number of tokens; dr_grpo = sum over all tokens / (B * max_completion_length).
+    Returns the loss and detached stats: kl (mean k3 per completion token, 0 when beta is 0 and no
+    reference is given) and clip_ratio (fraction of tokens whose clipped term is the active one).
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"grpo loss_type={loss_type!r}: expected one of {', '.join(GRPO_LOSS_TYPES)}")
+    if loss_type == "dr_grpo" and max_completion_length < 1:
+        raise ValueError("grpo loss_type 'dr_grpo' needs max_completion_length >= 1")
+    if beta != 0 and ref_logps is None:
+        raise ValueError(f"grpo beta={beta} needs the reference log-probs")
+    mask = mask.float()
+    adv = advantages.float()[:, None]  # [B, 1]
+    ratio = torch.exp(logps - old_logps)  # [B, T]
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    kl = kl_k3(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
+    if beta != 0:
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
+    else:
+        loss = (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    with torch.no_grad():
+        # the clipped term is active where the ratio left the range in the direction the advantage pushes
+        is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+        stats = {"kl": masked_mean(kl.detach(), mask), "clip_ratio": masked_mean(is_clipped.float(), mask)}
+    return loss, stats

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from models.generate import generate
+from models.generate import generate, generate_batch
 from models.heads import last_token_values
 from tasks.core.io import atomic_write_bytes
 from tasks.core.stage import StageError
@@ -60,27 +60,27 @@ def response_batch(prompts: Sequence[list[int]], responses: Sequence[list[int]],
 def sample_responses(
     policy: Any, prompts: Sequence[list[int]], sampling: Sampling, seed: int, n_per_prompt: int = 1
 ) -> Batch:
-    """n_per_prompt responses to every prompt, one row at a time (rows prompt-major: row r answers prompt
-    r // n_per_prompt); row r samples with a generator seeded seed * 1000 + r, so a rollout is a function
-    of (policy, prompts, seed). A response keeps its stop token; an empty one becomes [stop[0]]."""
+    """n_per_prompt responses to every prompt, all rows in one batched generation (models.generate.
+    generate_batch: left padding, attention mask through the KV cache); rows are prompt-major (row r answers
+    prompt r // n_per_prompt) and row r samples with its own generator seeded seed * 1000 + r, exactly as
+    it would alone, so a rollout is a function of (policy, prompts, seed). A response keeps its stop token
+    and ends before any pad_id it sampled; an empty one becomes [stop[0]]."""
     device = next(policy.parameters()).device
     rows = [p for p in prompts for _ in range(n_per_prompt)]
+    generators = [torch.Generator(device=device).manual_seed(seed * 1000 + j) for j in range(len(rows))]
+    out = generate_batch(
+        policy,
+        rows,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        stop_tokens=sampling.stop,
+        pad_id=sampling.pad_id,
+        generator=generators,
+    )
     responses = []
-    for j, ids in enumerate(rows):
-        prompt = torch.tensor([ids], dtype=torch.long, device=device)  # [1, P]
-        gen = torch.Generator(device=device).manual_seed(seed * 1000 + j)
-        out = generate(
-            policy,
-            prompt,
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            stop_tokens=sampling.stop,
-            pad_id=sampling.pad_id,
-            generator=gen,
-        )[0].tolist()  # [P + n]
-        response = out[len(ids) :]
-        if sampling.pad_id in response:  # generate pads rows after their stop token
+    for response in out.rows():
+        if sampling.pad_id in response:  # a sampled pad would end the row when it is read back
             response = response[: response.index(sampling.pad_id)]
         responses.append(response or [sampling.stop[0]])
     return response_batch(rows, responses, sampling.pad_id)

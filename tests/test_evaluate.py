@@ -21,6 +21,7 @@ from models.llama import Transformer
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.eval import mmlu_data, perplexity
+from tests.helpers.datahelpers import tree_hashes
 from tests.helpers.evalhelpers import MMLU_DIR, SUBJECTS, needs_mmlu, tiny_model
 
 
@@ -202,8 +203,21 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(bpe, tmp_path, monkeypatc
         evaluate.check_vocab(512, bpe, "ckpt/x")
     make_workspace(tmp_path, bpe, vocab=512)
     monkeypatch.chdir(tmp_path)
+    before = previous_eval_outputs(tmp_path)
     with pytest.raises(StageError, match=r"data/checkpoints/base: model vocab_size 512"):
         evaluate.run(Params(), None)
+    assert tree_hashes(tmp_path / "data") == before
+
+
+def previous_eval_outputs(root: Path) -> dict[str, str]:
+    """A previous run's evaluate outputs in the workspace; the hashes of everything under data/."""
+    for name in ("summary.json", "base.json", "comparison.md"):
+        path = root / "data/eval" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"previous": name}))
+    (root / "data/metrics").mkdir(parents=True, exist_ok=True)
+    (root / "data/metrics/evaluate.json").write_text('{"previous": 1}')
+    return tree_hashes(root / "data")
 
 
 def test_bad_fingerprint_policy_and_empty_split_dir_are_clear_errors(bpe, tmp_path, monkeypatch):
@@ -213,14 +227,18 @@ def test_bad_fingerprint_policy_and_empty_split_dir_are_clear_errors(bpe, tmp_pa
 
     make_workspace(tmp_path, bpe)
     monkeypatch.chdir(tmp_path)
+    before = previous_eval_outputs(tmp_path)
     bad = EvaluateConfig()
     setattr(bad, "fewshot_policy", "drop")  # noqa: B010 (a field of EvaluateConfig once the lead adds it)
     with pytest.raises(StageError, match=r"evaluate.fewshot_policy: .*one of truncate, reduce, got 'drop'"):
         evaluate.run(Params(evaluate=bad), None)
+    assert tree_hashes(tmp_path / "data") == before
     cfg = Path("data/checkpoints/dpo/config.json")
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "tokenizer_fingerprint": "f" * 64}))
+    before = tree_hashes(tmp_path / "data")
     with pytest.raises(StageError, match=r"data/checkpoints/dpo was trained with tokenizer ffffffffffff"):
         evaluate.run(Params(), None)
+    assert tree_hashes(tmp_path / "data") == before  # base and sft were fine: still nothing written
     (tmp_path / "mmlu/val").mkdir(parents=True)
     with pytest.raises(mmlu_data.MMLUDataError, match=r"mmlu/val: no \{subject\}_val\.csv files"):
         mmlu_data.load_mmlu(str(tmp_path / "mmlu"), "val")

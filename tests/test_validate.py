@@ -100,6 +100,8 @@ def test_validate_row_count_and_missing_raw(ws):
         ],
         ingest.SCHEMAS["sft"],
     )
+    before = tree_hashes(ws / "data/validated")  # the previous run's, kept when this one fails
+    assert before
     with pytest.raises(
         StageError, match=r"expect_table_row_count_to_be_between failed on the table: observed 1"
     ):
@@ -107,6 +109,7 @@ def test_validate_row_count_and_missing_raw(ws):
     Path("data/raw/preference.parquet").unlink()
     with pytest.raises(StageError, match="run the ingest stage first"):
         validate.run(make_params(), None)
+    assert tree_hashes(ws / "data/validated") == before
 
 
 # ------------------------------------------------------------------------------------------ batches

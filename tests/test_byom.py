@@ -23,8 +23,9 @@ from models.checkpoint import CheckpointError, load_checkpoint, state_dict_hash
 from models.config import ModelConfig
 from models.hf import export_hf, import_hf
 from tasks.core import paths
-from tasks.core.config import ConfigError, resolve_params
+from tasks.core.config import ConfigError, dump_params, resolve_params
 from tasks.data.hf_chat import HFChatTokenizer, TemplateError
+from tasks.train.open_model import export_merged
 from tests.helpers.hfmodels import (
     FAMILIES,
     SFT,
@@ -265,9 +266,37 @@ def test_sft_with_lora_from_an_open_model_exports_merged(sft_lora: Path, tmp_pat
     with torch.no_grad():
         ours, before = merged(x), base(x)
     assert (ours - before).abs().max().item() > 1e-4, "the merged adapters change the model"
-    export_hf(merged, tmp_path / "export")
+    with contextlib.chdir(sft_lora):
+        export_merged(paths.checkpoint("sft"), tmp_path / "export")
     assert (reload_logits(tmp_path / "export", x) - ours).abs().max().item() < TOL
     assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "qwen3"
+    # the exported tokenizer renders the chat template as the one sft trained with
+    conv = [{"role": "user", "content": "What does it return?"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    ids = hf_tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=False)
+    assert list(ids) == HFChatTokenizer.load(folder).render_chat(conv, add_generation_prompt=True)[0]
+
+
+def test_dpo_with_lora_after_an_open_model_sft_exports_merged(sft_lora: Path, tmp_path: Path) -> None:
+    """dpo reads the tokenizer sft carries; its adapters sit on sft's adapters on the open model (merged in
+    turn on load), and the export equals the merged model in transformers."""
+    root = tmp_path / "ws"
+    shutil.copytree(sft_lora, root)
+    dpo = ["dpo.lora.enabled=true", "dpo.lora.rank=4", "dpo.train.max_steps=2", "dpo.train.eval_every=2"]
+    dump_params(resolve_params("tiny", SFT + dpo), root / "params.yaml")
+    ok(stage(root, "dpo"))
+    meta = json.loads((root / paths.checkpoint("dpo") / "config.json").read_text())
+    assert meta["adapter"]["base"]["path"] == "data/checkpoints/sft"
+    assert meta["tokenizer_fingerprint"] == HFChatTokenizer.load(root / "init/qwen3").fingerprint
+    with contextlib.chdir(root):
+        merged, _ = load_checkpoint(paths.checkpoint("dpo"))
+        sft, _ = load_checkpoint(paths.checkpoint("sft"))
+        export_merged(paths.checkpoint("dpo"), tmp_path / "export")
+    x = tokens(vocab=300)
+    with torch.no_grad():
+        ours = merged(x)
+        assert (ours - sft(x)).abs().max().item() > 0, "dpo's adapters change the sft model"
+    assert (reload_logits(tmp_path / "export", x) - ours).abs().max().item() < TOL
 
 
 def test_lora_resumes_after_kill_to_the_same_adapters(sft_lora: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.adapters import save_adapter_checkpoint, sha256_file
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint, state_dict_hash
 from models.config import ModelConfig
 from models.heads import ScalarHeadModel
 from models.llama import Transformer
@@ -22,6 +22,7 @@ from tasks.core.config import LoRAConfig, TrainConfig, load_params
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.dpo import reference_logps
+from tasks.register import merged_checkpoint
 from tasks.train.lora import AdaptersOff, adapters_disabled, add_adapters, base_of
 from tests.helpers.hfmodels import ok, stage
 from tests.helpers.workspace import make_workspace
@@ -55,7 +56,13 @@ def test_merged_adapter_checkpoint_equals_the_peft_model(tmp_path: Path, kind: s
         trained = model(x)
     tensors = adapters.tensors(model.state_dict())
     save_adapter_checkpoint(tmp_path / "ckpt", tensors, base.config, kind, adapters.describe())
-    merged, _ = load_checkpoint(tmp_path / "ckpt")
+    merged, meta = load_checkpoint(tmp_path / "ckpt")
+    # what register logs: the merged model as a plain checkpoint, lineage kept
+    with merged_checkpoint(tmp_path / "ckpt", merged, meta) as logged:
+        assert sorted(p.name for p in logged.iterdir()) == ["config.json", "model.safetensors"]
+        plain, plain_meta = load_checkpoint(logged)
+        assert state_dict_hash(plain) == state_dict_hash(merged)
+        assert plain_meta["merged_adapter"] == adapters.describe()
     with torch.no_grad():
         assert (merged(x) - trained).abs().max().item() < 1e-5
         assert (trained - before).abs().max().item() > 1e-3

@@ -116,3 +116,34 @@ def stage_tokenizer(name: str) -> ChatTokenizer:
     if is_hf_tokenizer_dir(paths.checkpoint(name)):
         return HFChatTokenizer.load(paths.checkpoint(name))
     return ChatTokenizer.load(paths.TOKENIZER_JSON)
+
+
+def export_merged(checkpoint: Path, out_dir: Path) -> Path:
+    """A stage checkpoint as a Hugging Face folder: LoRA adapters merged into their base, with the
+    tokenizer it was trained with (the open model's, or data/tokenizer/) and its chat template, so that
+    transformers' AutoModelForCausalLM and AutoTokenizer load it. Causal LMs only."""
+    from models.checkpoint import load_checkpoint
+    from models.hf import export_hf
+
+    checkpoint = Path(checkpoint)
+    model, meta = load_checkpoint(checkpoint)
+    if not isinstance(model, Transformer):
+        raise StageError(
+            f"{checkpoint} holds a {meta['kind']} model; only a causal LM exports to Hugging Face"
+        )
+    tokenizer: ChatTokenizer
+    if is_hf_tokenizer_dir(checkpoint):
+        tokenizer = HFChatTokenizer.load(checkpoint)
+    else:
+        tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
+    tokenizer.check_fingerprint(str(meta.get("tokenizer_fingerprint")), str(checkpoint))
+    bos = tokenizer.bos_id if tokenizer.specials.bos else None
+    return export_hf(
+        model,
+        Path(out_dir),
+        tokenizer.path,
+        bos_id=bos,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        chat_template=tokenizer.chat_template,
+    )

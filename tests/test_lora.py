@@ -123,3 +123,49 @@ def test_dpo_with_lora_scores_the_reference_with_adapters_disabled(tmp_path: Pat
         "sha256": sha256_file(root / paths.checkpoint("sft") / "model.safetensors"),
     }
     assert not (root / paths.checkpoint("dpo") / "model.safetensors").exists()
+
+
+def test_reward_and_rlhf_with_lora_keep_their_heads_and_reference(tmp_path: Path) -> None:
+    """reward: adapters + the scalar head trained in full, loaded back as a ScalarHeadModel; rlhf (whose
+    reference is AdaptersOff(policy), tested above): adapters only, the value head dropped as without LoRA."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    overrides = [
+        "reward.lora.enabled=true",
+        "reward.train.max_steps=2",
+        "reward.train.warmup_steps=1",
+        "reward.train.eval_every=2",
+        "rlhf.lora.enabled=true",
+        "rlhf.train.max_steps=2",
+        "rlhf.ppo_epochs=1",
+        "rlhf.max_new_tokens=6",
+        "rlhf.train.eval_every=2",
+    ]
+    make_workspace(root, overrides)
+    tok = ChatTokenizer.load(root / paths.TOKENIZER_JSON)
+    torch.manual_seed(0)
+    sft = Transformer(
+        ModelConfig(vocab_size=384, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128)
+    )
+    save_checkpoint(
+        root / paths.checkpoint("sft"), sft, sft.config, meta={"tokenizer_fingerprint": tok.fingerprint}
+    )
+    ok(stage(root, "reward"))
+    ok(stage(root, "rlhf"))
+    reward_file = load_file(str(root / paths.checkpoint("reward") / "adapter.safetensors"))
+    assert {"value_head.weight", "value_head.bias"} <= set(reward_file)
+    rlhf_file = load_file(str(root / paths.checkpoint("rlhf") / "adapter.safetensors"))
+    assert (
+        rlhf_file
+        and all(".lora_" in k for k in rlhf_file)
+        and not any("transformer." in k for k in rlhf_file)
+    )
+    with contextlib.chdir(root):
+        reward, _ = load_checkpoint(paths.checkpoint("reward"))
+        policy, meta = load_checkpoint(paths.checkpoint("rlhf"))
+    assert isinstance(reward, ScalarHeadModel) and isinstance(policy, Transformer)
+    assert torch.equal(reward.value_head.weight, reward_file["value_head.weight"])
+    assert meta["adapter"]["base"]["path"] == "data/checkpoints/sft"
+    x = tokens(20, vocab=384)
+    with torch.no_grad():
+        assert (policy(x) - sft.eval()(x)).abs().max().item() > 0, "PPO's adapters changed the policy"

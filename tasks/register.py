@@ -170,7 +170,7 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
     section = getattr(params, stage)
     stage_params = {stage: dataclasses.asdict(section)}
     if stage == "pretrain":
-        stage_params["model"] = dataclasses.asdict(params.model)
+        stage_params["model"] = params.model.to_dict()  # as params.yaml holds it (replay compares them)
     tags = {
         **tracking.git_info(),
         **lineage(name),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -120,6 +121,32 @@ UNTRUSTED = {  # case: (change to the state, file mode, owner uid or None, the w
 
 def test_a_genuine_state_file_is_used(ui):
     assert read_ui_state(ui["dir"]) == ui["state"]
+
+
+def test_a_pipeline_command_in_its_directory_uses_its_servers(ui):
+    """`pipeline run` in the ui's directory, PREFECT_API_URL and MLFLOW_TRACKING_URI unset: its flow run is
+    on the ui's Prefect server (a stage dvc.yaml lacks stops it at once, exit 2)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    shutil.copy(REPO / "dvc.yaml", ui["dir"] / "dvc.yaml")
+    stage = f"no-such-stage-{os.getpid()}"
+    env = {k: v for k, v in ui["env"].items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--stage", stage],
+        cwd=ui["dir"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and f"unknown stage(s) {stage}" in proc.stderr, proc.stderr[-3000:]
+    with (
+        temporary_settings({PREFECT_API_URL: ui["state"]["prefect_api_url"]}),
+        get_client(sync_client=True) as c,
+    ):
+        runs = [r for r in c.read_flow_runs() if r.parameters.get("stages") == [stage]]
+    assert [r.state.name for r in runs] == ["Failed"]
 
 
 @pytest.mark.parametrize("case", list(UNTRUSTED))

@@ -182,6 +182,9 @@ def run_ui(
         # for the UI's own origin, and a CSRF token (which Prefect's UI and client fetch) for any change.
         PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS=prefect_url,
         PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED="true",
+        # The UI's pages call the API at this URL; Prefect derives it from its settings (port 4200), not
+        # from --port: on any other port the pages could not reach their own server.
+        PREFECT_UI_API_URL=f"{prefect_url}/api",
     )
     env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
     artifacts.mkdir(parents=True, exist_ok=True)

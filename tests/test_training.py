@@ -106,3 +106,32 @@ def test_wrong_tokenizer_is_refused(trained, tmp_path):
     assert proc.returncode == 1
     assert "made with tokenizer 000000000000" in proc.stdout
     assert not (tmp_path / "data/checkpoints/base").exists()
+
+
+def test_a_stage_started_after_in_process_training_makes_its_own_group():
+    """A process that trained in-process (a group of one, its store listening on MASTER_PORT) starts a
+    stage process with its environment, as tests and notebooks do: the child inherits RANK and MASTER_PORT
+    but is not in a group (a 2-rank stage would relaunch under torchrun) and makes a group of its own on a
+    free port (it used to fail binding the parent's port, and a 2-rank stage ran on one)."""
+    import torch.distributed as dist
+
+    from tasks.train.distributed import init_distributed
+
+    init_distributed()
+    assert dist.is_initialized() and os.environ["RANK"] == "0"
+    code = (
+        "import os, torch.distributed as d\n"
+        "from tasks.core.launch import launched\n"
+        "from tasks.train.distributed import init_distributed\n"
+        "print('launched', launched())\n"  # a 2-rank stage relaunches under torchrun only if False
+        "init_distributed()\n"
+        "print('group', d.get_world_size(), os.environ['MASTER_PORT'])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "launched False" in proc.stdout
+        and "group 1 " in proc.stdout
+        and f" {os.environ['MASTER_PORT']}\n" not in proc.stdout
+    ), proc.stdout

@@ -33,8 +33,22 @@ from tasks.core.stage import StageError, setup_logging, stage_main
 log = logging.getLogger(__name__)
 
 
+GROUP_OF_ONE = "PIPELINE_GROUP_OF_ONE"  # "<pid>:<port>": init_distributed made a group of one, no launcher
+GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", GROUP_OF_ONE)
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def launched() -> bool:
+    """Is this process in a process group already: RANK set by a launcher, or by its own group of one?
+    A process that trained in-process (tests, notebooks) passes its RANK and MASTER_PORT to the stage
+    processes it starts; for them those name their parent's group, not one they belong to."""
+    if "RANK" not in os.environ:
+        return False
+    pid, _, port = os.environ.get(GROUP_OF_ONE, "").partition(":")
+    return pid == str(os.getpid()) or port != os.environ.get("MASTER_PORT")
 
 
 def launcher_command(module: str, world_size: int) -> list[str]:
@@ -53,7 +67,7 @@ def launcher_command(module: str, world_size: int) -> list[str]:
 def relaunch(module: str, world_size: int) -> None:
     """Replace this process by torchrun running `module` on world_size processes (does not return)."""
     cmd = launcher_command(module, world_size)
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in GROUP_ENV}  # torchrun sets the group's own
     # N processes share the cores: give each its slice (torchrun would default to 1 thread each).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     # N processes on shared cores: OpenMP threads that spin at barriers would steal them from each other.
@@ -81,7 +95,7 @@ def training_main(
     except (ConfigError, StageError) as exc:
         log.error("stage %s failed: %s", name, exc)
         sys.exit(1)
-    if "RANK" not in os.environ and cfg.world_size > 1:
+    if not launched() and cfg.world_size > 1:
         relaunch(f"tasks.{name}", cfg.world_size)
     if rank() == 0:
         stage_main(name, run)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tasks.core.config import TrainConfig
-from tasks.core.launch import check_train_config
+from tasks.core.launch import GROUP_OF_ONE, check_train_config, launched
 
 
 def _free_port() -> int:
@@ -31,9 +31,13 @@ def init_distributed() -> None:
     of one on loopback. On CPU each of N local processes takes its share of the cores."""
     import deepspeed
 
-    if "RANK" not in os.environ:
+    if not launched():
+        # A parent's group of one (its RANK and MASTER_PORT, inherited) is not ours: its store holds that
+        # port, so a group of our own gets a free one.
+        if "RANK" in os.environ or "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ[GROUP_OF_ONE] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if not torch.cuda.is_available() and local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

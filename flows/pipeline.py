@@ -182,6 +182,12 @@ def summary_markdown(
         if url
         else f"- MLflow parent run: `{parent_run_id}` ({tracking.tracking_uri()})"
     )
+    report = root / "data" / "eval" / "report.html"
+    if results.get("evaluate") in ("ran", "skipped") and report.exists():
+        lines.append(
+            f"- Run report (stages, curves, evaluation, sample answers): [{report}]({report.resolve().as_uri()}),"
+            " also the `eval/report.html` artifact of the evaluate run in MLflow"
+        )
     registered = root / "data" / "registry" / "registered.json"
     if results.get("register") in ("ran", "skipped") and registered.exists():
         for model, info in json.loads(registered.read_text()).items():

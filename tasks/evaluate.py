@@ -10,6 +10,8 @@ the preference prompts in data/validated/preference.parquet. Writes:
     data/eval/summary.json   flat {"base/mmlu_acc": ..., "base/ppl": ...} for `dvc metrics show`
     data/eval/comparison.md  one row per model
     data/eval/comparison.png bar charts of the same
+    data/eval/report.html    the whole run on one page: each training stage's final metrics and key
+                             curves (data/metrics/, data/plots/), this evaluation, sample answers
 
 A model's summary entries are exactly its result["metrics"], so a new metric is added by putting it in
 that dict: the summary, table, chart and MLflow pick it up (tasks/eval/report.py).
@@ -38,7 +40,13 @@ from tasks.core.stage import StageError, stage_main
 from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.eval import mmlu, mmlu_data, perplexity, winrate
-from tasks.eval.report import comparison_markdown, comparison_png, register_scores, summarize
+from tasks.eval.report import (
+    comparison_markdown,
+    comparison_png,
+    register_scores,
+    summarize,
+    write_html_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -367,10 +375,12 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     )
     atomic_write_text(paths.EVAL / "comparison.md", comparison_markdown(results, header))
     atomic_write_bytes(paths.EVAL / "comparison.png", comparison_png(results))
+    write_html_report(results, header, paths.EVAL / "report.html")  # the whole run on one page
     if tracker is not None:
         tracker.log_metrics(summary)
         for f in ("summary.json", "comparison.md", "comparison.png", *[f"{n}.json" for n in names]):
             tracker.log_artifact(paths.EVAL / f, artifact_path="eval")
+        tracker.log_artifact(paths.EVAL / "report.html", artifact_path="eval")
     return summary
 
 

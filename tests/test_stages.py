@@ -88,8 +88,14 @@ def test_dvc_yaml_without_stages_is_refused(tmp_path):
 
 
 # Source files a stage imports that cannot change what it writes: the entry-point wrapper (error
-# reporting), the process launcher and MLflow logging (register excepted: logging models is its result).
-NOT_RESULT_CODE = {"tasks/core/stage.py", "tasks/core/launch.py", "tasks/core/tracking.py"}
+# reporting), the process launcher, progress display and MLflow logging (register excepted: logging models
+# is its result).
+NOT_RESULT_CODE = {
+    "tasks/core/stage.py",
+    "tasks/core/launch.py",
+    "tasks/core/progress.py",
+    "tasks/core/tracking.py",
+}
 
 
 def project_imports(path: Path) -> set[str]:

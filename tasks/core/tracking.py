@@ -140,6 +140,21 @@ class Tracker:
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)
 
+    def log_curves(self, stage: str, csv_path: Path) -> list[str]:
+        """The stage's key curves (tasks/core/curves.py) as PNG images under `curves/` of this run; the
+        artifact paths logged. A missing or empty CSV logs nothing."""
+        import tempfile
+
+        from tasks.core.curves import draw_charts
+
+        if not Path(csv_path).exists():
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            pngs = draw_charts(stage, Path(csv_path), Path(tmp))
+            for png in pngs:
+                mlflow.log_artifact(str(png), artifact_path="curves")
+        return [f"curves/{png.name}" for png in pngs]
+
     def log_params_file(self, params_file: Path, artifact: str) -> str:
         """Store a params YAML as `artifact` (secrets redacted) with its sha256 beside it in
         `<artifact>.sha256`; returns that sha256 (of the bytes stored), which replay checks."""
@@ -303,6 +318,11 @@ def tag_version(registered_name: str, version: str, tags: Mapping[str, Any]) -> 
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, str(value)[:5000])
+
+
+def describe_version(registered_name: str, version: str, text: str) -> Any:
+    """Set a version's description (its model card); returns the version as stored."""
+    return MlflowClient().update_model_version(registered_name, version, description=text)
 
 
 def set_alias(registered_name: str, alias: str, version: str) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.core.progress import Progress
 from tasks.eval.mmlu_data import CATEGORIES, MMLUDataError, MMLUItem
 
 # A prompt is  description + (example + target_delimiter + label + fewshot_delimiter) per shot + example,
@@ -290,6 +291,7 @@ def score_items(
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
+    progress = Progress(sum(len(rows) for rows in groups.values()), "MMLU", "row")  # one row per choice set
     try:
         with torch.no_grad():
             for rows in groups.values():
@@ -323,7 +325,9 @@ def score_items(
                         for choice, _, ids in r.targets:
                             lls[r.item][choice] = sum(picked[b][j : j + len(ids)])
                             j += len(ids)
+                    progress.update(len(batch))
     finally:
+        progress.close()
         if hasattr(model, "train"):
             model.train(was_training)
     return {

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasks.core.progress import Progress
 from tasks.data.shards import read_shard
 
 
@@ -94,6 +95,7 @@ def rolling_nll(
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
+    progress = Progress(len(windows), "perplexity", "window")
     try:
         with torch.no_grad():
             for length, group in by_len.items():
@@ -114,7 +116,9 @@ def rolling_nll(
                     )
                     total += nll[keep].double().sum().item()
                     count += int(keep.sum())
+                    progress.update(len(batch))
     finally:
+        progress.close()
         if hasattr(model, "train"):
             model.train(was_training)
     return total, count

@@ -31,6 +31,7 @@ from torch import nn
 from tasks.core.checks import check_train_config
 from tasks.core.config import TrainConfig
 from tasks.core.io import atomic_path, write_json
+from tasks.core.progress import Progress
 from tasks.train.distributed import (
     deepspeed_config,
     effective_zero_stage,
@@ -190,6 +191,8 @@ def train(
     peak = 0.0
     last: dict[str, float] = {}
     window_tokens, window_flops, window_time = 0.0, 0.0, 0.0
+    # a bar with ETA on a terminal, periodic lines with ETA in logs (tasks/core/progress.py)
+    progress = Progress(cfg.max_steps, section.split(".")[0], "step", initial=start_step, enabled=rank == 0)
     for step in range(start_step, cfg.max_steps):
         step_start = time.perf_counter()
         engine.train()
@@ -220,6 +223,7 @@ def train(
         if not math.isfinite(last["loss"]):
             raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower lr or check the data")
         done = step + 1
+        progress.update(1, loss=last["loss"])
         # log (and evaluate) every log_every steps: throughput over training time only
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             # Every rank processes the same number of tokens per step, so global = rank's * world.
@@ -245,6 +249,7 @@ def train(
             metric_log.write_csv(previous_rows)  # before `latest` moves on: the curve covers the checkpoint
             save_state(engine, state_dir, done, shapes, cfg, model, run_fp)
     # ---- the whole curve to the plot CSV; the full weights gathered from every rank
+    progress.close()
     metric_log.write_csv(previous_rows, plot_csv)
     if start_step:
         last["resumed_from_step"] = float(start_step)  # in the stage's metrics JSON, not in its checkpoint
@@ -366,6 +371,7 @@ def train_stage(
                 shutil.rmtree(state_dir, ignore_errors=True)
                 if tracker is not None:
                     tracker.log_metrics(marker["metrics"])
+                    tracker.log_curves(stage, targets["plot"])
             torch.distributed.barrier()
             return dict(marker["metrics"])
     state, metrics = train(
@@ -411,4 +417,6 @@ def train_stage(
         write_json(final / COMPLETE, {"fingerprint": run_fp, "metrics": rounded})
         commit_outputs(final, targets)
         shutil.rmtree(state_dir, ignore_errors=True)
+        if tracker is not None:  # the curves as images beside the per-step metrics (MLflow artifacts)
+            tracker.log_curves(stage, targets["plot"])
     return metrics

@@ -127,8 +127,27 @@ def check_export_dir(out_dir: Path, force: bool = False) -> Path:
     return target
 
 
+def export_card(model: Any, version: Any) -> str:
+    """README.md of an export: Hugging Face front matter, then the version's model card (its description,
+    written by register); a version registered before cards existed gets one made from its tags now."""
+    from tasks.serve.card import front_matter, model_card
+
+    tags = dict(version.tags or {})
+    card = version.description or model_card(
+        version.name,
+        str(version.version),
+        model.meta,
+        tags,
+        {k[len("eval.") :]: float(v) for k, v in tags.items() if k.startswith("eval.")},
+        {},
+        sum(p.numel() for p in model.model.parameters()),
+    )
+    return front_matter(tags.get("stage") or model.meta.get("stage", ""), model.meta.get("kind", "")) + card
+
+
 def export(ref: str, out_dir: Path, force: bool = False) -> Path:
-    """Write the registered model as a Hugging Face Llama checkpoint (+ tokenizer) that transformers loads.
+    """Write the registered model as a Hugging Face Llama checkpoint (+ tokenizer) that transformers loads,
+    with its model card as README.md.
 
     The directory is checked first (`check_export_dir`); the export replaces it whole and leaves a marker
     listing its files, so a later export may replace it again without --force.
@@ -150,6 +169,7 @@ def export(ref: str, out_dir: Path, force: bool = False) -> Path:
         pad_id=tok.pad_id,
         chat_template=CHAT_TEMPLATE,
     )
+    (out_dir / "README.md").write_text(export_card(model, version))
     marker = {
         "model": version.name,
         "version": str(version.version),

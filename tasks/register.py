@@ -4,7 +4,7 @@ Each checkpoint (base, sft, reward, dpo, rlhf) is logged as a pyfunc model-from-
 `<prefix>-<name>`. The new version is tagged with its lineage (git commit, dirty flag, dvc.lock hashes of
 its inputs, tokenizer fingerprint, eval protocol and scores) and gets alias `candidate`. `champion`
 moves to it only if its gated metrics pass against the current champion; the decision and its figures
-are recorded on the version.
+are recorded on the version, and its model card (tasks/serve/card.py) is its description.
 
 For `pipeline replay`, each version also records `weights_sha256` (models.checkpoint.state_dict_hash of
 the checkpoint), the producing stage's params as JSON (`params.<section>`), and the full params.yaml as
@@ -30,6 +30,7 @@ from tasks.core import paths, stages, tracking
 from tasks.core.config import Params, RegisterConfig
 from tasks.core.io import read_json, write_json
 from tasks.core.stage import StageError, stage_main
+from tasks.serve.card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,19 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
     tracking.tag_version(registered, version.version, tags)
     promoted, decision = promote(registered, version.version, eval_scores(name), cfg)
     log.info("%s v%s: %s", registered, version.version, decision)
+    # The model card, from what the version now records (tags, scores, decision): its description, and
+    # the README.md of `pipeline export`.
+    stored = tracking.resolve_version(f"{registered}/{version.version}")
+    card = model_card(
+        registered,
+        version.version,
+        meta,
+        dict(stored.tags),
+        eval_scores(name),
+        tracking.redact_tree(dataclasses.asdict(params.ingest)),
+        sum(p.numel() for p in model.parameters()),
+    )
+    tracking.describe_version(registered, version.version, card)
     return {"name": registered, "version": int(version.version), "champion": promoted, "decision": decision}
 
 

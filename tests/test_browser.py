@@ -1,10 +1,12 @@
-"""What a person sees in a browser after a run: the Prefect UI and the MLflow UI of `pipeline ui`.
+"""What a person sees after a run: the files it leaves to look at, and in a browser the Prefect UI and
+the MLflow UI of `pipeline ui`.
 
 One tiny pipeline run for the module, as a user makes it (`pipeline run --profile tiny` with no Prefect
 or MLflow server: the history lands in the project's .prefect/ and mlflow.db), one `pipeline deploy`
 (stopped once it serves: the deployment stays), then `pipeline ui` on free ports. Headless Chromium
-(the system's /usr/bin/chromium, driven by Playwright) opens the pages; each test saves a screenshot
-under $PYTEST_ARTIFACTS/browser (default tests/artifacts/browser) of what its assertions claim.
+(the system's /usr/bin/chromium, driven by Playwright) opens the pages; each browser test saves a
+screenshot under $PYTEST_ARTIFACTS/browser (default tests/artifacts/browser) of what its assertions claim.
+Without Chromium the browser tests are skipped and the file checks still run.
 """
 
 from __future__ import annotations
@@ -37,13 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get("PYTEST_ARTIFACTS", REPO / "tests" / "artifacts")) / "browser"
 DEPLOYMENT = "browser"
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium); the browser tests need it",
-    ),
-]
+pytestmark = pytest.mark.e2e
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium); the browser tests need it",
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +98,18 @@ def browser(site):
 
 
 @pytest.fixture
-def page(browser):
+def page(browser):  # every test using it needs Chromium (needs_chromium)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.set_default_timeout(60_000)
     page = context.new_page()
     yield page
     context.close()
+
+
+def the_run(prefect_api):
+    """The flow run `pipeline run` made, kept in .prefect/ (the quick-run test adds a deployment's run)."""
+    (run,) = [r for r in prefect_api.read_flow_runs() if r.deployment_id is None]
+    return run
 
 
 def shot(page, name: str) -> Path:
@@ -118,8 +124,9 @@ def main_text(page) -> str:
 
 
 # ------------------------------------------------------------------------------------------- Prefect
+@needs_chromium
 def test_prefect_shows_the_flow_run_with_every_stage_as_a_task_run(site, prefect_api, page):
-    (flow_run,) = prefect_api.read_flow_runs()  # the one `pipeline run` made, kept in .prefect/
+    flow_run = the_run(prefect_api)
     page.goto(f"{site['prefect']}/runs", wait_until="networkidle")
     page.get_by_text(flow_run.name, exact=True).first.wait_for()
     assert "llm-pipeline" in main_text(page) and "Completed" in main_text(page)
@@ -137,8 +144,9 @@ def test_prefect_shows_the_flow_run_with_every_stage_as_a_task_run(site, prefect
     shot(page, "prefect-logs")
 
 
+@needs_chromium
 def test_prefect_shows_the_summary_artifact(site, prefect_api, page):
-    (flow_run,) = prefect_api.read_flow_runs()
+    flow_run = the_run(prefect_api)
     page.goto(f"{site['prefect']}/flow-runs/flow-run/{flow_run.id}", wait_until="networkidle")
     page.locator("li.p-tab", has_text="Artifacts").first.click()
     page.get_by_text("pipeline-summary", exact=True).first.click()
@@ -154,6 +162,7 @@ def test_prefect_shows_the_summary_artifact(site, prefect_api, page):
     shot(page, "prefect-summary-links")
 
 
+@needs_chromium
 def test_a_run_starts_from_the_deployment_page_with_a_typed_form(site, prefect_api, page):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -203,6 +212,7 @@ def close_assistant(page) -> None:
         button.first.click()
 
 
+@needs_chromium
 def test_mlflow_shows_the_parent_run_with_a_child_per_stage(site, page):
     page.goto(f"{site['mlflow']}/#/experiments/1/runs", wait_until="load")
     parent = page.get_by_role("link", name="pipeline", exact=True)
@@ -215,6 +225,7 @@ def test_mlflow_shows_the_parent_run_with_a_child_per_stage(site, page):
     shot(page, "mlflow-runs")
 
 
+@needs_chromium
 def test_mlflow_shows_the_registered_models_with_their_aliases(site, page):
     page.goto(f"{site['mlflow']}/#/models", wait_until="load")
     for model in stages.models():
@@ -227,6 +238,7 @@ def test_mlflow_shows_the_registered_models_with_their_aliases(site, page):
     shot(page, "mlflow-registered-models")
 
 
+@needs_chromium
 def test_mlflow_draws_a_stage_metric_chart(site, page):
     from mlflow.tracking import MlflowClient
 
@@ -240,3 +252,80 @@ def test_mlflow_draws_a_stage_metric_chart(site, page):
     text = main_text(page)
     assert "loss" in text and "Step" in text, text[:2000]
     shot(page, "mlflow-sft-metrics")
+
+
+# ---------------------------------------------------------------------------- files and curve images
+def test_every_training_stage_logged_its_key_curves_as_images(site):
+    """Each stage's CSV has every column the key charts name, and its MLflow run holds one PNG per chart."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.core.curves import charts, slug
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{site['project'] / 'mlflow.db'}")
+    for entry in stages.MODEL_STAGES:
+        header = (site["project"] / "data" / "plots" / f"{entry.stage}.csv").read_text().splitlines()[0]
+        missing = {c for _, cols in charts(entry.stage) for c in cols} - set(header.split(","))
+        assert not missing, f"{entry.stage}: the key charts name columns its curve lacks: {sorted(missing)}"
+        (run,) = client.search_runs(["1"], filter_string=f"attributes.run_name = '{entry.stage}'")
+        logged = sorted(f.path for f in client.list_artifacts(run.info.run_id, "curves"))
+        assert logged == sorted(f"curves/{entry.stage}_{slug(n)}.png" for n, _ in charts(entry.stage))
+
+
+def test_evaluate_wrote_the_run_report_and_the_summary_links_it(site, prefect_api):
+    report = site["project"] / "data" / "eval" / "report.html"
+    text = report.read_text()
+    for entry in stages.MODEL_STAGES:
+        assert f"<h3>{entry.stage}</h3>" in text, entry.stage
+    for model in stages.language_models():
+        assert f"<td>{model}</td>" in text, model
+    assert "Sample answers" in text and text.count("data:image/png;base64,") > len(stages.MODEL_STAGES)
+    flow_run = the_run(prefect_api)
+    (art,) = prefect_api.read_artifacts()
+    assert art.flow_run_id == flow_run.id and report.resolve().as_uri() in art.data
+
+
+@needs_chromium
+def test_the_run_report_opens_in_a_browser(site, page):
+    page.goto((site["project"] / "data" / "eval" / "report.html").resolve().as_uri())
+    page.get_by_role("heading", name="llm-pipeline run report").wait_for()
+    images = page.locator("img")
+    assert images.count() > len(stages.MODEL_STAGES)
+    assert all(images.nth(i).evaluate("e => e.naturalWidth") > 0 for i in range(images.count()))
+    shot(page, "run-report")
+
+
+def test_registered_versions_carry_their_model_card_and_export_writes_it(site, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.serve.card import front_matter
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{site['project'] / 'mlflow.db'}")
+    for entry in stages.MODEL_STAGES:
+        version = client.get_model_version(f"pipeline-{entry.model}", "1")
+        card = version.description
+        assert card.startswith(f"# pipeline-{entry.model} v1\n"), card[:200]
+        assert f"trained by the `{entry.stage}` stage" in card and "## Limitations" in card
+        assert f"| git commit | `{version.tags['git.commit']}`" in card
+    out = tmp_path / "hf-sft"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "export", "pipeline-sft@champion", str(out)],
+        cwd=site["project"],
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    sft = client.get_model_version("pipeline-sft", "1")
+    assert (out / "README.md").read_text() == front_matter("sft", "causal_lm") + sft.description
+
+
+@needs_chromium
+def test_mlflow_shows_the_model_card_on_the_version_page(site, page):
+    page.goto(f"{site['mlflow']}/#/models/pipeline-dpo/versions/1", wait_until="load")
+    page.get_by_text("trained by the", exact=False).first.wait_for()
+    close_assistant(page)
+    text = main_text(page)
+    for section in ("Architecture", "Data", "Training", "Evaluation", "Intended use", "Limitations"):
+        assert section in text, section
+    shot(page, "mlflow-model-card")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tasks.core import stages
@@ -167,8 +166,3 @@ def test_the_flow_summary_links_the_report(tmp_path):
     assert f"[{report}]({report.resolve().as_uri()})" in text
     not_run = summary_markdown(tmp_path, "tiny", {"evaluate": "failed"}, {"evaluate": 1.0}, "run1", "0")
     assert "report.html" not in not_run
-
-
-@pytest.mark.parametrize("stage", list(KEY_CURVES))
-def test_every_table_stage_is_a_training_stage(stage):
-    assert stage in [m.stage for m in stages.MODEL_STAGES]

@@ -90,6 +90,10 @@ def test_deploy_with_an_interval_schedules_it_and_pauses_on_ctrl_c(prefect_harne
             assert [s.schedule.interval for s in dep.schedules] == [timedelta(days=1)]
             assert dep.parameters == {"profile": "tiny", "overrides": [], "retries": 1}
             assert not dep.paused
+            # Ctrl-C once the runner polls (status READY): before that, serve has not installed its handler
+            while prefect.read_deployment(dep.id).status.value != "READY":
+                assert proc.poll() is None and time.time() < deadline, "the runner never polled"
+                time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=60) == 0
             assert prefect.read_deployment(dep.id).paused  # Ctrl-C pauses it: no runs pile up unserved

@@ -409,8 +409,8 @@ def test_dpo_alert_with_fail_on_alert_fails_and_writes_nothing(chain, tmp_path):
         tmp_path,
         [
             *OVERRIDES,
-            "dpo.train.lr=1e-12",  # learns nothing (a zero lr is refused up front)
-            "dpo.train.min_lr=1e-12",
+            "dpo.train.lr=1.0e-12",  # learns nothing (a zero lr is refused up front)
+            "dpo.train.min_lr=1.0e-12",
             "dpo.train.max_steps=2",
             "alerts.dpo_min_margin=0.01",
             "alerts.fail_on_alert=true",

@@ -1,7 +1,9 @@
-"""Stage `evaluate`: MMLU (lm-eval-harness protocol), held-out perplexity and reward-model win rate.
+"""Stage `evaluate`: MMLU (lm-eval-harness protocol), held-out perplexity, held-out task accuracy and
+reward-model win rate.
 
-Reads data/checkpoints/{base,sft,dpo,rlhf}/ (whichever exist; the reward model is a scorer, not a language
-model, so it is not evaluated here), data/tokenizer/, data/tokens/val.bin, the MMLU source
+Reads the checkpoint of every language model of the stage registry (tasks/core/stages.py: base, sft, dpo,
+rlhf, grpo; whichever exist; the reward model is a scorer, not a language model, so it is not evaluated
+here), data/tokenizer/, data/tokens/val.bin, the MMLU source
 (evaluate.mmlu_dir: a CSV directory or hf:cais/mmlu) and, for the win rate, data/checkpoints/reward/ and
 the preference prompts in data/validated/preference.parquet. Writes:
 
@@ -20,6 +22,12 @@ Evaluation runs in float32 (no autocast) so scores match the Hugging Face export
 Win rate (`winrate_vs_sft`, for the policies sft, dpo, rlhf; tasks/eval/winrate.py): on preference prompts
 that no preference stage trained on (the intersection of the held-out splits of reward, dpo and rlhf, see
 heldout_rows), each policy against the SFT reference, greedy responses scored by the reward model.
+
+Task accuracy (`task_acc`, tasks/eval/tasks_accuracy.py): the first evaluate.task_problems held-out
+verifiable problems (tasks/data/verifiable.py; no SFT conversation and no GRPO rollout holds one), answered
+greedily in batches, exact match of the checked answer; `task_acc_lenient`: the first number of the answer
+is right, whatever its format. result["tasks"] keeps the first task_samples answers (prompt, answer,
+expected, correct), also written to data/eval/task_samples.md.
 """
 
 from __future__ import annotations
@@ -33,13 +41,13 @@ from typing import Any
 import torch
 
 from models.adapters import weights_sha256
-from tasks.core import paths
+from tasks.core import paths, stages
 from tasks.core.config import EvaluateConfig, Params
 from tasks.core.io import sha256_file, write_json
 from tasks.core.stage import StageError, stage_main
-from tasks.data import chat_data
+from tasks.data import chat_data, verifiable
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.eval import mmlu, mmlu_data, perplexity, winrate
+from tasks.eval import mmlu, mmlu_data, perplexity, tasks_accuracy, winrate
 from tasks.eval.report import (
     comparison_markdown,
     comparison_png,
@@ -50,10 +58,11 @@ from tasks.eval.report import (
 
 log = logging.getLogger(__name__)
 
-LM_MODELS = ("base", "sft", "dpo", "rlhf")  # in pipeline order; "reward" is deliberately absent
+LM_MODELS = tuple(stages.language_models())  # in pipeline order; "reward" is not a language model
 MMLU_BATCH = 16
 PPL_BATCH = 8
-POLICIES = ("sft", "dpo", "rlhf")  # the models that get a win rate against the SFT reference
+TASK_BATCH = 32
+POLICIES = tuple(stages.chat_policies())  # the models that get a win rate against the SFT reference
 
 
 def fewshot_policy(cfg: EvaluateConfig) -> str:
@@ -107,6 +116,7 @@ def evaluate_model(
     device: str = "cpu",
     shard_dtype: str | None = None,
     harness: winrate.WinRate | None = None,
+    problems: Sequence[verifiable.Problem] = (),
 ) -> dict[str, Any]:
     start = time.time()
     model = model.to(device)
@@ -140,6 +150,13 @@ def evaluate_model(
         "bpb": ppl["bpb"],
         "word_ppl": ppl["word_ppl"],
     }
+    task = None
+    if problems:
+        task = tasks_accuracy.task_accuracy(
+            model, tokenizer, problems, cfg.task_max_new_tokens, TASK_BATCH, cfg.task_samples
+        )
+        metrics["task_acc"] = task["accuracy"]
+        metrics["task_acc_lenient"] = task["accuracy_lenient"]
     won = harness.evaluate(name, model) if harness is not None and name in POLICIES else None
     if won is not None:
         metrics["winrate_vs_sft"] = won["winrate"]
@@ -211,6 +228,14 @@ def evaluate_model(
     if won is not None and harness is not None:
         result["protocol"]["winrate"] = harness.protocol
         result["winrate"] = won
+    if task is not None:
+        result["protocol"]["tasks"] = {
+            "families": list(cfg.task_families),
+            "problems": len(problems),
+            "split": f"held out: sha256(problem key) % 100 < {verifiable.HELDOUT_PERCENT}",
+            "decoding": f"greedy, at most {cfg.task_max_new_tokens} new tokens, exact match of the answer",
+        }
+        result["tasks"] = task
     return result
 
 
@@ -301,6 +326,21 @@ def setup_winrate(
     return harness
 
 
+def task_problems(cfg: EvaluateConfig) -> list[verifiable.Problem]:
+    """The held-out verifiable problems every model answers (none when evaluate.task_problems is 0)."""
+    return verifiable.heldout_problems(cfg.task_families, cfg.task_problems) if cfg.task_problems > 0 else []
+
+
+def task_samples_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """A few held-out task answers per model: prompt, answer, expected, correct."""
+    lines = ["| model | prompt | answer | expected | correct |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        for s in res.get("tasks", {}).get("samples", []):
+            cells = [name, s["prompt"], repr(s["answer"]), s["expected"], "yes" if s["correct"] else "no"]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run(params: Params, tracker: Any) -> dict[str, float]:
     from tasks.core.io import atomic_write_bytes, atomic_write_text
 
@@ -313,6 +353,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     from models.checkpoint import read_checkpoint_config
 
     fewshot_policy(cfg)  # a bad value fails now, not after the first model
+    problems = task_problems(cfg)
     reward_dir = paths.checkpoint("reward")
     checked = [paths.checkpoint(n) for n in names] + (
         [reward_dir] if (reward_dir / "config.json").is_file() else []
@@ -348,7 +389,9 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     for name in names:
         path = paths.checkpoint(name)
         model, meta = load_lm(path, tokenizer)
-        res = evaluate_model(name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, harness)
+        res = evaluate_model(
+            name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, harness, problems
+        )
         res["checkpoint"] = {
             "path": str(path),
             "sha256": weights_sha256(path),  # model.safetensors' (adapter checkpoints: adapters + base)
@@ -376,9 +419,12 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     atomic_write_text(paths.EVAL / "comparison.md", comparison_markdown(results, header))
     atomic_write_bytes(paths.EVAL / "comparison.png", comparison_png(results))
     write_html_report(results, header, paths.EVAL / "report.html")  # the whole run on one page
+    samples = [] if not problems else ["task_samples.md"]
+    if samples:
+        atomic_write_text(paths.EVAL / "task_samples.md", task_samples_markdown(results))
     if tracker is not None:
         tracker.log_metrics(summary)
-        for f in ("summary.json", "comparison.md", "comparison.png", *[f"{n}.json" for n in names]):
+        for f in ("summary.json", "comparison.md", "comparison.png", *samples, *[f"{n}.json" for n in names]):
             tracker.log_artifact(paths.EVAL / f, artifact_path="eval")
         tracker.log_artifact(paths.EVAL / "report.html", artifact_path="eval")
     return summary

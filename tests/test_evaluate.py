@@ -152,6 +152,8 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
         )
     )
     params.evaluate.winrate_prompts, params.evaluate.max_new_tokens = 3, 6
+    params.evaluate.task_problems = params.evaluate.task_samples = 6
+    params.evaluate.task_families = ["add_small", "sub"]
     from tasks.core import tracking
 
     with tracking.stage_run("evaluate", params) as run:
@@ -190,6 +192,20 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
     assert "| sft |" in Path("data/eval/comparison.md").read_text()
     assert Path("data/eval/comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert {"summary.json", "comparison.md", "comparison.png", "base.json"} <= set(tracker.artifacts)
+    # Held-out task accuracy for every language model: greedy answers checked, 6 held-out problems.
+    from tasks.data import verifiable
+
+    for name in ("base", "sft", "dpo"):
+        task = read_json(Path(f"data/eval/{name}.json"))["tasks"]
+        assert task["n"] == len(task["samples"]) == 6
+        assert all(verifiable.is_heldout(verifiable.parse_problem(x["prompt"]).key) for x in task["samples"])
+        checked = [verifiable.check(x["prompt"], x["answer"]) for x in task["samples"]]
+        assert [x["correct"] for x in task["samples"]] == checked
+        assert summary[f"{name}/task_acc"] == task["accuracy"] == sum(checked) / 6
+        lenient = [verifiable.check_lenient(x["prompt"], x["answer"]) for x in task["samples"]]
+        assert summary[f"{name}/task_acc_lenient"] == task["accuracy_lenient"] == sum(lenient) / 6
+    assert "task_samples.md" in tracker.artifacts
+    assert Path("data/eval/task_samples.md").read_text().count("| dpo |") == 6
 
 
 def test_vocab_smaller_than_tokenizer_is_a_clear_error(bpe, tmp_path, monkeypatch):

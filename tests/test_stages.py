@@ -40,8 +40,9 @@ def test_a_model_stage_must_write_its_checkpoint(tmp_path):
 
 
 def test_model_lists_follow_the_registry():
-    assert stages.models() == ["base", "sft", "reward", "dpo", "rlhf"]
-    assert stages.language_models() == ["base", "sft", "dpo", "rlhf"]  # the reward model generates nothing
+    assert stages.models() == ["base", "sft", "reward", "dpo", "rlhf", "grpo"]
+    # the reward model generates nothing
+    assert stages.language_models() == ["base", "sft", "dpo", "rlhf", "grpo"]
     assert stages.chat_policies()[0] == stages.CHAT_REFERENCE == "sft"
     assert stages.model_stage("base").stage == "pretrain"
     assert stages.stage_model("pretrain").model == "base"

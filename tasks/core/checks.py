@@ -72,6 +72,12 @@ NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # profiles and registry names: no pat
 SOURCE_KINDS = ("embedded", "files", "hf")
 ZERO_STAGES = (0, 1, 2, 3)
 REFERENCE_MODELS = ("base", "sft")  # causal LMs written before the stages that take a `reference`
+# names params may give for grpo/evaluate tasks and grpo rewards; tests/test_grpo.py checks that they are
+# exactly tasks/data/verifiable.FAMILIES and tasks/train/rewards.REWARDS (this layer cannot import them)
+TASK_FAMILIES: tuple[str, ...] = ("add_small", "sub_small", "add", "sub", "add3", "max", "min", "last")
+TASK_FAMILIES += ("first", "digits", "copy")
+REWARD_NAMES = ("correct", "format", "reward_model")
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # tasks/train/losses.grpo_loss
 # directories stages write: a source must neither be inside one nor contain one
 OUTPUT_DIRS = tuple(
     p.as_posix()
@@ -130,6 +136,19 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alerts.dpo_min_accuracy": RATIO,
     "alerts.ppo_max_kl": POSITIVE,
     "alerts.dpo_min_margin": (_finite, "a finite number"),
+    "alerts.grpo_max_kl": POSITIVE,
+    "alerts.grpo_collapse_steps": NON_NEGATIVE,
+    "grpo.num_generations": (lambda v: _finite(v) and v >= 2, "at least 2 (a group compares completions)"),
+    "grpo.temperature": (_nonneg, "a number >= 0 (0 = greedy)"),
+    "grpo.top_k": NON_NEGATIVE,
+    "grpo.epsilon": (_pos, "a positive clip range"),
+    "grpo.beta": (_nonneg, "a KL coefficient >= 0 (0 = no KL term, no reference)"),
+    "grpo.loss_type": _one_of(*GRPO_LOSS_TYPES),
+    "grpo.num_iterations": AT_LEAST_1,
+    "grpo.val_problems": NON_NEGATIVE,
+    "evaluate.task_problems": NON_NEGATIVE,
+    "evaluate.task_max_new_tokens": AT_LEAST_1,
+    "evaluate.task_samples": NON_NEGATIVE,
     "evaluate.mmlu_split": _one_of("dev", "val", "test"),
     "evaluate.k_shot": NON_NEGATIVE,
     "evaluate.fewshot_policy": _one_of("truncate", "reduce"),
@@ -260,3 +279,32 @@ def check_params(p: Params) -> None:
                 raise _fail(f"{where}.hf_id", src.hf_id, "a Hub id or a directory inside the project")
     if not p.evaluate.mmlu_dir.startswith("hf:"):
         _check_path("evaluate.mmlu_dir", p.evaluate.mmlu_dir)
+    _check_grpo(p)
+
+
+def _check_names(key: str, names: list[str], known: tuple[str, ...]) -> None:
+    if not names:
+        raise ConfigError(f"{key}: empty; give at least one of {', '.join(known)}")
+    for i, name in enumerate(names):
+        if name not in known:
+            raise _fail(f"{key}[{i}]", name, f"one of {', '.join(known)}")
+
+
+def _check_grpo(p: Params) -> None:
+    g = p.grpo
+    if g.train.micro_batch_size % g.num_generations:
+        raise ConfigError(
+            f"grpo.train.micro_batch_size={g.train.micro_batch_size} is not a multiple of "
+            f"grpo.num_generations={g.num_generations}: a micro-batch holds whole groups"
+        )
+    _check_names("grpo.families", g.families, TASK_FAMILIES)
+    _check_names("evaluate.task_families", p.evaluate.task_families, TASK_FAMILIES)
+    _check_names("grpo.rewards", g.rewards, REWARD_NAMES)
+    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+        raise ConfigError(
+            f"grpo.reward_weights has {len(g.reward_weights)} values for {len(g.rewards)} grpo.rewards "
+            "(empty = 1.0 each)"
+        )
+    for i, w in enumerate(g.reward_weights):
+        if not _finite(w):
+            raise _fail(f"grpo.reward_weights[{i}]", w, "a finite number")

@@ -245,10 +245,35 @@ class RLHFConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """GRPO on verifiable tasks (tasks/grpo.py). train.micro_batch_size counts completions: a multiple of
+    num_generations, so every group of G completions of one prompt lies in one micro-batch. Values are
+    checked in tasks/core/checks.py."""
+
+    families: list[str] = field(default_factory=lambda: ["digits"])  # tasks/data/verifiable.py FAMILIES
+    num_generations: int = 8  # G completions per prompt
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = the whole vocabulary
+    epsilon: float = 0.2  # ratio clip range
+    beta: float = 0.04  # k3 KL coefficient; 0 = no reference model
+    scale_rewards: bool = True  # divide advantages by the group std (false: Dr. GRPO)
+    loss_type: str = "grpo"  # grpo | dapo | dr_grpo
+    num_iterations: int = 1  # optimizer steps per rollout (mu); > 1 makes the ratio and its clip matter
+    rewards: list[str] = field(default_factory=lambda: ["correct"])  # tasks/train/rewards.py REWARDS
+    reward_weights: list[float] = field(default_factory=list)  # empty = 1.0 each
+    reference: str = "sft"
+    val_problems: int = 64  # held-out problems greedily answered for val/accuracy
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, lr=1e-5, min_lr=1e-6))
+
+
+@dataclass
 class AlertConfig:
     dpo_min_accuracy: float = 0.55
     dpo_min_margin: float = 0.0
     ppo_max_kl: float = 10.0
+    grpo_max_kl: float = 1.0  # mean per-token k3 KL of a rollout above this: the policy runs away
+    grpo_collapse_steps: int = 5  # this many rollouts in a row with reward_std 0 in every group: no signal
     fail_on_alert: bool = False
 
 
@@ -269,6 +294,10 @@ class EvaluateConfig:
     ppl_max_tokens: int = 50000
     winrate_prompts: int = 32
     max_new_tokens: int = 32
+    task_problems: int = 200  # held-out verifiable problems answered greedily by every language model
+    task_families: list[str] = field(default_factory=lambda: ["digits"])  # tasks/data/verifiable.py FAMILIES
+    task_max_new_tokens: int = 8
+    task_samples: int = 5  # answers per model shown in data/eval and MLflow
 
 
 @dataclass
@@ -293,6 +322,7 @@ class Params:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)

@@ -36,6 +36,7 @@ STAGES: tuple[str, ...] = (
     "reward",
     "dpo",
     "rlhf",
+    "grpo",
     "evaluate",
     "register",
 )
@@ -46,6 +47,7 @@ MODEL_STAGES: tuple[ModelStage, ...] = (
     ModelStage("reward", "reward", "reward", chat=False),
     ModelStage("dpo", "dpo", "causal_lm", chat=True),
     ModelStage("rlhf", "rlhf", "causal_lm", chat=True),
+    ModelStage("grpo", "grpo", "causal_lm", chat=True),
 )
 
 CHAT_REFERENCE = "sft"  # the model every other chat policy is compared against

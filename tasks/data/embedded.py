@@ -3,7 +3,10 @@
 - pretrain: standard-library source files (sorted walk, tests and site-packages skipped) cut into
   documents at statement/paragraph boundaries, then the `pydoc_data.topics` help texts.
 - sft: questions about documented public functions, classes and methods, answered with the first
-  paragraph of their real docstring (found by parsing with `ast`; no stdlib module is imported).
+  paragraph of their real docstring (found by parsing with `ast`; no stdlib module is imported); after
+  every TASK_EVERY of them, a conversation of TASK_TURNS worked examples of a verifiable task
+  (tasks/data/verifiable.py: question, answer as a bare number), drawn from the training problems only:
+  no held-out problem is ever in the SFT data.
 - preference: the same questions; chosen = the right paragraph. The rejected answer is one of three
   kinds of bad answer, drawn by the seeded RNG with equal odds (`REJECTED_KINDS`):
   - `other`: another object's paragraph, from the same module where possible: a wrong answer that reads
@@ -36,6 +39,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.data import verifiable
+
 # Directories that are not library text: third-party packages, test suites, build artifacts.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload"}
 DOC_TARGET_CHARS = 4000  # cut a document at the next boundary once it is this long
@@ -60,6 +65,14 @@ SYSTEM_PROMPTS = (
 )
 SYSTEM_PROBABILITY = 0.25
 FOLLOW_UP_PROBABILITY = 0.15  # some conversations get a second user/assistant exchange
+TASK_EVERY = 2  # a worked verifiable-task conversation after every 2 docstring conversations
+# Problems per task conversation: an answer is 2 tokens (a digit and <|end|>) against 50-100 of a
+# docstring answer, so one problem per row would be ~2% of the SFT loss and teach nothing in 120 steps.
+TASK_TURNS = 8
+# The worked examples come from a careless teacher: every answer is right, but 2 in 3 carry the unit
+# ("4 digits") although the question asks for the number only. SFT imitates that; the checker accepts the
+# bare number only, so the grpo stage (reward: the checker) has a format to learn (see README).
+VERBOSE_ANSWER_PROBABILITY = 2 / 3
 
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
 
@@ -245,13 +258,21 @@ def _shuffled(entries: tuple[DocEntry, ...], seed: int) -> list[DocEntry]:
 
 
 def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[dict]:
-    """{"messages": [...], "source"}: (system?) user question -> assistant docstring paragraph (x1-2)."""
+    """{"messages": [...], "source"}: (system?) user question -> assistant docstring paragraph (x1-2),
+    and after every TASK_EVERY of those a worked training problem (source "task:<key>")."""
     entries = doc_entries(root)
     by_module: dict[str, list[DocEntry]] = {}
     for e in entries:
         by_module.setdefault(e.module, []).append(e)
     rng = random.Random(seed)
-    for entry in _shuffled(entries, seed):
+    # Their own stream: the docstring conversations are the same with or without the worked problems.
+    problems = verifiable.training_problems(verifiable.SFT_FAMILIES, seed)
+    style = random.Random(f"task-style:{seed}")
+    for n, entry in enumerate(_shuffled(entries, seed)):
+        if n and n % TASK_EVERY == 0:
+            drill = [next(problems) for _ in range(TASK_TURNS)]
+            verbose = [style.random() < VERBOSE_ANSWER_PROBABILITY for _ in drill]
+            yield verifiable.sft_conversation(drill, verbose)
         messages: list[dict[str, str]] = []
         if rng.random() < SYSTEM_PROBABILITY:
             messages.append({"role": "system", "content": SYSTEM_PROMPTS[rng.randrange(len(SYSTEM_PROMPTS))]})

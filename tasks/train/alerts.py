@@ -37,3 +37,33 @@ def alerts_at_end(
             raise_or_tag(check(metrics), params, tracker)
 
     return on_step
+
+
+def reward_collapse(zero_std_by_step: dict[int, float], patience: int) -> list[str]:
+    """GRPO learns nothing from a group whose completions all got the same reward (advantage 0): an alert
+    when every group of `patience` rollouts in a row had reward_std 0 (all right, or all wrong).
+    zero_std_by_step: the fraction of groups with reward_std 0, by the step of the rollout."""
+    run, longest, end = 0, 0, -1
+    for step in sorted(zero_std_by_step):
+        run = run + 1 if zero_std_by_step[step] >= 1.0 else 0
+        if run > longest:
+            longest, end = run, step
+    if patience < 1 or longest < patience:
+        return []
+    return [
+        f"GRPO reward collapse: reward_std was 0 in every group for {longest} rollouts in a row (up to "
+        f"step {end}) >= alerts.grpo_collapse_steps {patience}: no learning signal (all completions of a "
+        "prompt scored the same; check the reward, the sampling temperature, or the task's difficulty)"
+    ]
+
+
+def kl_runaway(kl_by_step: dict[int, float], max_kl: float, what: str) -> list[str]:
+    """An alert naming the rollout with the largest KL to the reference when any is above max_kl."""
+    over = {s: kl for s, kl in kl_by_step.items() if kl > max_kl}
+    if not over:
+        return []
+    step, kl = max(over.items(), key=lambda item: item[1])
+    return [
+        f"{what} KL {kl:.3f} (rollout of step {step}) > {max_kl} in {len(over)} rollout(s): the policy "
+        "drifts from its reference"
+    ]

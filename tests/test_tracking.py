@@ -49,6 +49,9 @@ REDACTION = [  # (key, value, what is printed, logged or stored)
         "http://127.0.0.1:5000/#/experiments/1/runs/abc",
     ),
     ("uri", "http://host:8080/pkg/@scope/x", "http://host:8080/pkg/@scope/x"),
+    ("uri", "https://u:1234/5@h/x", "https://u:***@h/x"),  # digits and a / in the password: not a port
+    ("uri", "postgresql://u:12/34/5@db:5432/m?x=a@b", "postgresql://u:***@db:5432/m?x=a@b"),
+    ("uri", "http://localhost:5173/@vite/client", "http://localhost:5173/@vite/client"),  # a path
     ("uri", "sqlite:////tmp/x/mlflow.db", "sqlite:////tmp/x/mlflow.db"),
     ("ref", "models:/pipeline-sft@champion", "models:/pipeline-sft@champion"),
     (

@@ -2,8 +2,9 @@
 
 A value under a key that names a credential (`hf_token`, `db.password`, `aws_secret_access_key`,
 `X-Amz-Signature`, ...) becomes `***`; in any other text every URL loses its password (even one holding
-`/` or `@`), a user name standing alone (a token), and secret query or fragment values, and `key=value`
-pairs with a secret key lose the value. The tokenizer section's `*_token` keys name vocabulary and stay.
+`/` or `@`, or digits and a `/` that read as a port), a user name standing alone (a token), and secret
+query or fragment values, and `key=value` pairs with a secret key lose the value. The tokenizer section's
+`*_token` keys name vocabulary and stay.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def _redact_url(url: str) -> str:
     head = rest[:end]
     if at < 0 and ":" in head and not head.split(":", 1)[1].isdigit():
         at = rest.find("@", end)
+    elif at < 0 and ":" in head and rest[end : end + 1] == "/":
+        # Digits then `/` read as a port, but `user:1234/5@host` is a password of digits and `/`: an @ in
+        # the path ends the userinfo, the last one before ? or #, unless it opens a path segment (npm's
+        # `/@scope`, Vite's `/@vite`). Redacting an @ of a path after a port (an e-mail) is the safe error.
+        stop = min([i for i in (rest.find(c, end) for c in "?#") if i >= 0], default=len(rest))
+        at = max((i for i in range(end + 1, stop) if rest[i] == "@" and rest[i - 1] != "/"), default=-1)
     if at >= 0:
         userinfo, rest = rest[:at], rest[at + 1 :]
         user = userinfo.split(":", 1)[0] if ":" in userinfo else ""

@@ -374,3 +374,39 @@ def test_heldout_rows_exclude_every_training_split():
     assert how.startswith("reward stage") and rows == sorted(
         chat_data.split(20, other.reward.val_fraction, other.reward.train.seed)[1]
     )
+
+
+def test_an_mmlu_file_linked_out_of_the_mmlu_dir_is_refused_naming_it(tmp_path):
+    """The policy of ingest's source directories: a CSV that a symlink takes out of the MMLU directory is
+    never read, whether the subjects are listed from the directory or named in params; a link that stays
+    inside is read."""
+    import shutil
+
+    mmlu = tmp_path / "mmlu"
+    for split in ("dev", "val"):
+        (mmlu / split).mkdir(parents=True)
+        shutil.copy(MMLU_DIR / split / f"{SUBJECTS[0]}_{split}.csv", mmlu / split)
+    (mmlu / "val/inside_val.csv").symlink_to(mmlu / "val" / f"{SUBJECTS[0]}_val.csv")
+    (mmlu / "dev/inside_dev.csv").symlink_to(Path("..") / "dev" / f"{SUBJECTS[0]}_dev.csv")
+    assert mmlu_data.list_subjects(str(mmlu), "val") == [SUBJECTS[0], "inside"]
+    assert len(mmlu_data.load_mmlu(str(mmlu), "val", ["inside"], k_shot=1).items) > 0
+    outside = tmp_path / "elsewhere/secret.csv"
+    outside.parent.mkdir()
+    outside.write_text('"What is 1+1?",1,2,3,4,B\n')
+    (mmlu / "val/leak_val.csv").symlink_to(outside)
+    message = (
+        r"mmlu/val/leak_val\.csv is a link out of the MMLU directory .*mmlu \(to .*elsewhere/secret\.csv\)"
+    )
+    with pytest.raises(mmlu_data.MMLUDataError, match=message):
+        mmlu_data.list_subjects(str(mmlu), "val")
+    with pytest.raises(mmlu_data.MMLUDataError, match=message):
+        mmlu_data.load_mmlu(str(mmlu), "val", ["leak"], k_shot=0)
+    with pytest.raises(mmlu_data.MMLUDataError, match=message):
+        mmlu_data.load_mmlu(str(mmlu), "val", k_shot=1)
+    (mmlu / "val/leak_val.csv").unlink()
+    linked_split = tmp_path / "elsewhere/val"
+    shutil.copytree(mmlu / "val", linked_split, symlinks=True)
+    shutil.rmtree(mmlu / "val")
+    (mmlu / "val").symlink_to(linked_split)  # the split directory itself links out
+    with pytest.raises(mmlu_data.MMLUDataError, match=r"is a link out of the MMLU directory"):
+        mmlu_data.list_subjects(str(mmlu), "val")

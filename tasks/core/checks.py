@@ -38,6 +38,14 @@ def glob_dir(pattern: str) -> str:
     return os.path.dirname(fixed).rstrip("/") or ("/" if fixed.startswith("/") else "")
 
 
+def linked_outside(root: str | Path, files: list[Path]) -> list[Path]:
+    """The files whose real path (every symlink resolved) is not inside root's: what listing a directory or
+    a glob must not follow out of it (an ingest source directory, the MMLU directory). Resolves links; reads
+    no file."""
+    real_root = os.path.realpath(root)
+    return [p for p in files if os.path.commonpath([real_root, os.path.realpath(p)]) != real_root]
+
+
 def source_watch(src: SourceConfig) -> str:
     """The file or directory DVC hashes for a source: a file or directory path itself, the directory
     before a glob's first wildcard, a local `datasets` directory; for embedded and Hub sources a

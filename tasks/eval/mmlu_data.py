@@ -2,7 +2,9 @@
 `datasets` source, and the subject -> category table (mmlu_subjects.json).
 
 Every item records where it came from ("file:line" or "hf:<path>/<subject>/<split>#row"), and malformed
-or missing data raises MMLUDataError naming that place.
+or missing data raises MMLUDataError naming that place. A CSV file that is a symlink out of the MMLU
+directory is refused, never read (the policy of ingest's source directories: tasks/core/checks.py
+linked_outside).
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.core.checks import linked_outside
 
 LETTERS = ("A", "B", "C", "D")  # how the CSV files (and `datasets` string answers) name the right choice
 
@@ -58,6 +63,17 @@ class MMLUData:
 
 
 # ------------------------------------------------------------------------------------------- loading
+def _refuse_links_out(root: str, files: list[Path]) -> None:
+    """MMLUDataError naming a file that a symlink takes out of the MMLU directory `root`."""
+    outside = linked_outside(root, files)
+    if outside:
+        raise MMLUDataError(
+            f"{outside[0]} is a link out of the MMLU directory {root} (to {os.path.realpath(outside[0])}): "
+            f"refusing to read it{f' ({len(outside)} such files)' if len(outside) > 1 else ''}; copy the "
+            "file into the directory"
+        )
+
+
 def _csv_rows(path: Path, subject: str) -> list[MMLUItem]:
     if not path.is_file():
         raise MMLUDataError(f"subject {subject!r}: {path} not found")
@@ -136,7 +152,9 @@ def list_subjects(source: str, split: str) -> list[str]:
     directory = Path(where) / split
     if not directory.is_dir():
         raise MMLUDataError(f"MMLU split directory {directory} not found (expected {{subject}}_{split}.csv)")
-    subjects = sorted(p.name[: -len(f"_{split}.csv")] for p in directory.glob(f"*_{split}.csv"))
+    files = sorted(directory.glob(f"*_{split}.csv"))
+    _refuse_links_out(where, files)
+    subjects = [p.name[: -len(f"_{split}.csv")] for p in files]
     if not subjects:
         raise MMLUDataError(f"{directory}: no {{subject}}_{split}.csv files")
     return subjects
@@ -155,6 +173,7 @@ def load_split(
             f"subject {subject!r} not found: no {path}"
             + (f"; {len(available)} subjects available, e.g. {', '.join(available[:5])}" if available else "")
         )
+    _refuse_links_out(where, [path])
     return _csv_rows(path, subject)
 
 

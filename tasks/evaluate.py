@@ -15,6 +15,9 @@ the preference prompts in data/validated/preference.parquet. Writes:
     data/eval/report.html    the whole run on one page: each training stage's final metrics and key
                              curves (data/metrics/, data/plots/), this evaluation, sample answers
 
+data/eval changes as a whole or not at all (write_outputs): a kill or a failed write (a full disk) leaves
+every previous file as it was.
+
 A model's summary entries are exactly its result["metrics"], so a new metric is added by putting it in
 that dict: the summary, table, chart and MLflow pick it up (tasks/eval/report.py).
 Evaluation runs in float32 (no autocast) so scores match the Hugging Face export to 1e-4.
@@ -43,7 +46,7 @@ import torch
 from models.adapters import weights_sha256
 from tasks.core import paths, stages
 from tasks.core.config import EvaluateConfig, Params
-from tasks.core.io import sha256_file, write_json
+from tasks.core.io import atomic_path, atomic_write_bytes, atomic_write_text, kill_at, sha256_file, write_json
 from tasks.core.stage import StageError, stage_main
 from tasks.data import chat_data, verifiable
 from tasks.data.chat_tokenizer import ChatTokenizer
@@ -341,9 +344,50 @@ def task_samples_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(params: Params, tracker: Any) -> dict[str, float]:
-    from tasks.core.io import atomic_write_bytes, atomic_write_text
+def write_outputs(
+    results: dict[str, dict[str, Any]], summary: dict[str, float], header: str, samples: bool
+) -> None:
+    """data/eval (<model>.json, summary.json, comparison.md/png, report.html, task_samples.md) and
+    data/metrics/evaluate.json (outside the data/eval out, for `dvc metrics show`), all or nothing.
 
+    The directory is built in a staging directory beside it (data/.eval.tmp-<pid>) and swapped in at once,
+    the metrics file is staged beside its own and renamed after the swap (tasks/core/io.py atomic_path).
+    A kill or a failed write (a full disk) before the swap leaves every previous file as it was, and the
+    next run clears the staging leftovers; a kill between the swap and the rename leaves the previous
+    metrics file beside the new data/eval until the stage runs again (DVC reports it changed meanwhile).
+    """
+    metrics = paths.METRICS / "evaluate.json"
+    staged: dict[Path, Path] = {}
+    committing = False
+    try:
+        with atomic_path(metrics) as metrics_tmp, atomic_path(paths.EVAL) as tmp:
+            staged = {tmp: paths.EVAL, metrics_tmp: metrics}
+            tmp.mkdir()
+            for name, res in results.items():
+                write_json(tmp / f"{name}.json", res)
+            write_json(tmp / "summary.json", summary)
+            atomic_write_text(tmp / "comparison.md", comparison_markdown(results, header))
+            atomic_write_bytes(tmp / "comparison.png", comparison_png(results))
+            write_html_report(results, header, tmp / "report.html")  # the whole run on one page
+            if samples:
+                atomic_write_text(tmp / "task_samples.md", task_samples_markdown(results))
+            write_json(metrics_tmp, summary)
+            kill_at("evaluate-staged")
+            committing = True
+    except OSError as exc:
+        where = Path(exc.filename) if exc.filename else paths.EVAL
+        for tmp_path, target in staged.items():  # name the output, not its staging path
+            if where == tmp_path or tmp_path in where.parents:
+                where = target / where.relative_to(tmp_path)
+        kept = (
+            f"{metrics} may still hold the previous run's summary: run the stage again"
+            if committing
+            else f"{paths.EVAL} and {metrics} keep the previous run's files"
+        )
+        raise StageError(f"cannot write {where}: {exc.strerror or exc}; {kept}") from exc
+
+
+def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.evaluate
     torch.manual_seed(params.seed)
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
@@ -399,12 +443,9 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         }
         res["perplexity"]["tokens_sha256"] = sha256_file(val_shard)
         results[name] = res
-        write_json(paths.EVAL / f"{name}.json", res)
         del model
 
     summary = summarize(results)
-    write_json(paths.EVAL / "summary.json", summary)
-    write_json(paths.METRICS / "evaluate.json", summary)  # outside the data/eval out, for `dvc metrics show`
     header = (
         f"MMLU {data.k_shot}-shot on {data.split} ({len(data.items)} items, {len(data.subjects)} subjects, "
         f"few-shot policy {fewshot_policy(cfg)}); "
@@ -416,12 +457,8 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         )
         + ".\n"
     )
-    atomic_write_text(paths.EVAL / "comparison.md", comparison_markdown(results, header))
-    atomic_write_bytes(paths.EVAL / "comparison.png", comparison_png(results))
-    write_html_report(results, header, paths.EVAL / "report.html")  # the whole run on one page
     samples = [] if not problems else ["task_samples.md"]
-    if samples:
-        atomic_write_text(paths.EVAL / "task_samples.md", task_samples_markdown(results))
+    write_outputs(results, summary, header, bool(samples))
     if tracker is not None:
         tracker.log_metrics(summary)
         for f in ("summary.json", "comparison.md", "comparison.png", *samples, *[f"{n}.json" for n in names]):

@@ -376,6 +376,156 @@ def test_heldout_rows_exclude_every_training_split():
     )
 
 
+# ------------------------------------------------------------------------- outputs all or nothing
+# The stage run as `python -m tasks.evaluate` in a workspace (make_workspace + a tiny params.yaml) and as
+# evaluate.run in this process. data/eval is built in data/.eval.tmp-<pid> and swapped in at once.
+SMALL_EVAL = [
+    f"evaluate.mmlu_dir={MMLU_DIR}",
+    f"evaluate.subjects=[{SUBJECTS[0]}]",
+    "evaluate.k_shot=1",
+    "evaluate.max_items_per_subject=3",
+    "evaluate.ppl_window=32",
+    "evaluate.ppl_stride=16",
+    "evaluate.ppl_max_tokens=256",
+    "evaluate.winrate_prompts=2",
+    "evaluate.max_new_tokens=4",
+    "evaluate.task_problems=2",
+    "evaluate.task_samples=2",
+]
+EVAL_FILES = {  # what a run of SMALL_EVAL writes to data/eval
+    "base.json",
+    "sft.json",
+    "dpo.json",
+    "summary.json",
+    "comparison.md",
+    "comparison.png",
+    "report.html",
+    "task_samples.md",
+}
+
+
+@pytest.fixture(scope="module")
+def eval_store(tmp_path_factory) -> Path:
+    """One MLflow sqlite store for this module's stage processes (a fresh store costs seconds)."""
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+def eval_project(root: Path, tok: ChatTokenizer) -> Path:
+    from tasks.core.config import dump_params, resolve_params
+
+    make_workspace(root, tok)
+    dump_params(resolve_params("tiny", SMALL_EVAL), root / "params.yaml")
+    return root
+
+
+def run_evaluate(root: Path, store: Path, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    full_env = dict(
+        os.environ, PYTHONPATH=str(repo), MLFLOW_TRACKING_URI=f"sqlite:///{store}", OMP_NUM_THREADS="1", **env
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.evaluate"],
+        cwd=root,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def staging_leftovers(root: Path) -> list[str]:
+    """Hidden entries under data/: staging directories and temp files (and a disk-full test's filler)."""
+    return sorted(p.relative_to(root / "data").as_posix() for p in (root / "data").rglob(".*"))
+
+
+def assert_a_complete_new_run(root: Path) -> None:
+    """data/eval holds exactly this run's files (none of the previous ones) and nothing is left beside it."""
+    from tasks.core.io import read_json
+
+    assert {p.name for p in (root / "data/eval").iterdir()} == EVAL_FILES
+    summary = read_json(root / "data/eval/summary.json")
+    assert "base/mmlu_acc" in summary and read_json(root / "data/metrics/evaluate.json") == summary
+    assert read_json(root / "data/eval/base.json")["model"] == "base"
+    assert staging_leftovers(root) == []
+
+
+@needs_mmlu
+def test_a_failure_while_writing_leaves_every_previous_eval_file(bpe, tmp_path, monkeypatch):
+    """An exception after some outputs are written (here the chart) keeps every previous file of data/eval
+    and data/metrics/evaluate.json byte for byte, leaves no staging directory, and the next run completes."""
+    from tasks import evaluate
+    from tasks.core.config import resolve_params
+
+    eval_project(tmp_path, bpe)
+    monkeypatch.chdir(tmp_path)
+    before = previous_eval_outputs(tmp_path)
+    params = resolve_params("tiny", SMALL_EVAL)
+
+    def broken_chart(results):
+        raise RuntimeError("the chart failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluate, "comparison_png", broken_chart)
+        with pytest.raises(RuntimeError, match="the chart failed"):
+            evaluate.run(params, None)
+    assert tree_hashes(tmp_path / "data") == before
+    evaluate.run(params, None)
+    assert_a_complete_new_run(tmp_path)
+
+
+@needs_mmlu
+def test_a_kill_while_writing_leaves_every_previous_eval_file_and_the_next_run_completes(
+    bpe, tmp_path, eval_store
+):
+    """Killed (SIGKILL) with every new file staged, before the swap: every previous file of data/eval and
+    data/metrics/evaluate.json is unchanged; the next run clears the staging directory and completes."""
+    eval_project(tmp_path, bpe)
+    before = previous_eval_outputs(tmp_path)
+    proc = run_evaluate(tmp_path, eval_store, PIPELINE_KILL_AT="evaluate-staged")
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = tree_hashes(tmp_path / "data")
+    left = staging_leftovers(tmp_path)
+    assert [name.split("-")[0] for name in left] == [".eval.tmp", "metrics/.evaluate.json.tmp"], left
+    assert {k: v for k, v in after.items() if not k.startswith(tuple(left))} == before
+    rerun = run_evaluate(tmp_path, eval_store)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert_a_complete_new_run(tmp_path)
+
+
+@needs_mmlu
+def test_a_full_disk_while_writing_leaves_every_previous_eval_file_and_names_the_path(
+    bpe, tmp_path, eval_store
+):
+    """data/ on a real 64 MiB tmpfs with 24 KiB left: the stage fails naming the data/eval file it could
+    not write, with no traceback; every previous file is unchanged and nothing is left beside data/eval.
+    With the space back, the next run completes."""
+    import re
+
+    from tests.helpers.smallfs import FILLER, small_disk
+
+    eval_project(tmp_path, bpe)
+    previous_eval_outputs(tmp_path)
+    with small_disk(tmp_path / "data", free=24 * 1024):
+        before = tree_hashes(tmp_path / "data")
+        proc = run_evaluate(tmp_path, eval_store)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out[-3000:]
+        assert re.search(r"cannot write data/eval/\S+: No space left on device; data/eval and ", out), out[
+            -3000:
+        ]
+        assert "Traceback" not in out
+        assert tree_hashes(tmp_path / "data") == before
+        assert staging_leftovers(tmp_path) == [FILLER]
+        (tmp_path / "data" / FILLER).unlink()
+        rerun = run_evaluate(tmp_path, eval_store)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        assert_a_complete_new_run(tmp_path)
+
+
 def test_an_mmlu_file_linked_out_of_the_mmlu_dir_is_refused_naming_it(tmp_path):
     """The policy of ingest's source directories: a CSV that a symlink takes out of the MMLU directory is
     never read, whether the subjects are listed from the directory or named in params; a link that stays

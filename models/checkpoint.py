@@ -9,6 +9,7 @@ put it in place, so a killed process leaves the old checkpoint or the new one, n
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -142,13 +144,24 @@ def save_checkpoint(
     payload = {"model": config.to_dict(), "kind": kind, **meta}
     json.dumps(payload)  # fail before touching the disk if meta is not JSON-serialisable
     with atomic_dir(Path(out_dir)) as tmp:
-        # One metadata key only: safetensors writes metadata from a Rust HashMap, whose order is random per
-        # map, so two keys made identical weights hash differently run to run. The kind is in config.json.
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _save_weights(tensors, tmp / WEIGHTS_FILE, Path(out_dir) / WEIGHTS_FILE)
         write_json(tmp / CONFIG_FILE, payload)
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
     return Path(out_dir)
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> None:
+    """safetensors' save_file, its I/O errors as an OSError naming `final` (the file the user will look for):
+    safetensors reports a full disk as a SafetensorError that names no file."""
+    try:
+        # One metadata key only: safetensors writes metadata from a Rust HashMap, whose order is random per
+        # map, so two keys made identical weights hash differently run to run. The kind is in config.json.
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        full = "os error 28" in str(exc) or "No space left" in str(exc)
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, os.strerror(code), str(final)) from exc
 
 
 def read_checkpoint_config(path: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -45,7 +46,11 @@ def stage_main(name: str, run: Callable[[Params, Any], dict[str, Any] | None]) -
     except (ConfigError, StageError) as exc:  # bad input: the message says what and where
         log.error("stage %s failed: %s", name, exc)
         sys.exit(1)
-    except Exception as exc:  # anything else: the message first, then the traceback for a bug report
-        log.error("stage %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # the environment, not a bug: one line naming the file (outputs are written all or nothing)
+            log.error("stage %s failed: %s; its previous outputs are unchanged", name, exc)
+        else:  # anything else: the message first, then the traceback for a bug report
+            log.error("stage %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
         sys.exit(1)
     log.info("stage %s done in %.1fs", name, time.time() - start)

@@ -7,7 +7,6 @@ that is missing or not a string column.
 
 import glob
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from tasks.core import paths
-from tasks.core.checks import glob_dir
+from tasks.core.checks import glob_dir, linked_outside
 from tasks.core.config import Params, SourceConfig
 from tasks.core.stage import StageError
 from tasks.data.textclean import check_utf8
@@ -48,8 +47,7 @@ def resolve_files(dataset: str, path: str) -> list[Path]:
     else:
         raise StageError(f"dataset {dataset}: source path {path!r} does not exist (ingest.{dataset}.path)")
     if root:
-        real_root = os.path.realpath(root)
-        outside = [p for p in files if not os.path.realpath(p).startswith(real_root + os.sep)]
+        outside = linked_outside(root, files)
         if outside:
             log.warning(
                 "dataset %s: skipping %d file(s) linked from outside %s, e.g. %s",

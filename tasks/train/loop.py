@@ -30,7 +30,7 @@ from torch import nn
 
 from tasks.core.checks import check_train_config
 from tasks.core.config import TrainConfig
-from tasks.core.io import atomic_path, write_json
+from tasks.core.io import atomic_path, kill_at, write_json
 from tasks.core.progress import Progress
 from tasks.train.distributed import (
     deepspeed_config,
@@ -254,12 +254,6 @@ def train(
     if start_step:
         last["resumed_from_step"] = float(start_step)  # in the stage's metrics JSON, not in its checkpoint
     return gather_full_weights(engine), last
-
-
-def kill_at(point: str) -> None:
-    """Fault injection for the tests: die like `kill -9` would, with no cleanup, at a named point."""
-    if os.environ.get("PIPELINE_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

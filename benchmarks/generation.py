@@ -39,16 +39,18 @@ TEMPERATURE, TOP_K = 1.0, 50
 EOS = 2
 
 
-def gens(n: int, seed: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+def gens(n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One seeded generator per prompt, on the model's device (sampling draws there)."""
+    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
 
 
 def one_at_a_time(model: Transformer, prompts: list[list[int]], n: int, seed: int) -> list[list[int]]:
     rows = []
-    for p, g in zip(prompts, gens(len(prompts), seed), strict=True):
+    device = model.embed.weight.device
+    for p, g in zip(prompts, gens(len(prompts), seed, device), strict=True):
         out = generate(
             model,
-            torch.tensor([p]),
+            torch.tensor([p], device=device),
             max_new_tokens=n,
             stop_tokens=[EOS],
             pad_id=-1,
@@ -66,7 +68,7 @@ def batched(model: Transformer, prompts: list[list[int]], n: int, seed: int) -> 
         prompts,
         max_new_tokens=n,
         stop_tokens=[EOS],
-        generator=gens(len(prompts), seed),
+        generator=gens(len(prompts), seed, model.embed.weight.device),
         temperature=TEMPERATURE,
         top_k=TOP_K,
     )

@@ -29,8 +29,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import cpu_name  # noqa: E402
 
 
-def setup(root: Path, args: argparse.Namespace) -> None:
-    """A tiny-data workspace (tests/helpers/workspace.py) with a random base/sft model of the benchmark's size."""
+def setup(root: Path, args: argparse.Namespace, config: Any = None) -> None:
+    """A tiny-data workspace (tests/helpers/workspace.py) with a random base/sft model of the benchmark's size
+    (args.layers, args.d_model), or of `config` (a ModelConfig) when given (benchmarks/gpu.py)."""
     import torch
 
     from models.checkpoint import save_checkpoint
@@ -41,13 +42,13 @@ def setup(root: Path, args: argparse.Namespace) -> None:
 
     make_workspace(root, pairs=args.pairs)
     tok = ChatTokenizer.load(root / "data/tokenizer/tokenizer.json")
-    config = ModelConfig(
+    config = config or ModelConfig(
         vocab_size=-(-tok.vocab_size // 64) * 64,
         n_layer=args.layers,
         n_head=4,
         n_kv_head=2,
         d_model=args.d_model,
-        max_seq_len=256,
+        max_seq_len=args.seq_len,
     )
     torch.manual_seed(0)
     save_checkpoint(
@@ -61,6 +62,8 @@ def setup(root: Path, args: argparse.Namespace) -> None:
 def objective_for(task: str, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, objective, train config) as the sft / dpo stages build them."""
     import dataclasses
+
+    import torch
 
     from tasks.core import paths
     from tasks.core.config import DPOConfig, TrainConfig
@@ -84,10 +87,12 @@ def objective_for(task: str, args: argparse.Namespace) -> tuple[Any, Any, Any]:
         log_every=1,
     )
     if task == "sft":
-        examples = chat_data.sft_examples(tok, 256)
+        examples = chat_data.sft_examples(tok, args.seq_len)
         return model, SupervisedChat(examples, tok.pad_id, args.batch, 1337, 0.1, 1), train
-    pairs = chat_data.preference_pairs(tok, 256)
+    pairs = chat_data.preference_pairs(tok, args.seq_len)
     reference, _ = load_causal_lm("sft", tok.fingerprint)
+    if torch.cuda.is_available():  # the reference log-probs, computed once, on the device the loop trains on
+        reference = reference.cuda()
     ref = reference_logps(reference, pairs, tok.pad_id, 16)
     cfg = dataclasses.replace(DPOConfig(), train=train)
     return model, DirectPreference(pairs, ref, cfg, tok.pad_id), train
@@ -167,6 +172,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--zero-stage", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=256, help="context of the model and the batches")
     parser.add_argument("--worker", nargs=3, metavar=("TASK", "IMPL", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -185,6 +191,7 @@ def main() -> None:
             f"--warmup={args.warmup}",
             f"--batch={args.batch}",
             f"--zero-stage={args.zero_stage}",
+            f"--seq-len={args.seq_len}",
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO), PIPELINE_LOG_LEVEL="WARNING")
         for task in ("sft", "dpo"):

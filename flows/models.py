@@ -153,7 +153,6 @@ def export(ref: str, out_dir: Path, force: bool = False) -> Path:
     listing its files, so a later export may replace it again without --force.
     """
     from models.hf import export_hf
-    from tasks.data.chat_tokenizer import CHAT_TEMPLATE
 
     out_dir = check_export_dir(out_dir, force)
     model, version = tracking.load_registered(ref)
@@ -164,10 +163,10 @@ def export(ref: str, out_dir: Path, force: bool = False) -> Path:
         model.model,
         out_dir,
         tok.path,
-        bos_id=tok.bos_id,
+        bos_id=tok.bos_id if tok.specials.bos else None,
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=tok.chat_template,  # an open model's own template
     )
     (out_dir / "README.md").write_text(export_card(model, version))
     marker = {

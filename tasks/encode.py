@@ -28,83 +28,37 @@ import pyarrow.parquet as pq
 from tasks.core import paths
 from tasks.core.config import Params
 from tasks.core.io import atomic_path, read_json, write_json
+from tasks.core.skip import open_model_init, write_skipped
 from tasks.core.stage import StageError, stage_main
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.data.shards import INDEX, SPLITS, check_tokens, load_shard, shard_path, token_dtype
+from tasks.data.shards import (
+    INDEX,
+    SPLITS,
+    SplitPlan,
+    check_tokens,
+    hash_unit,
+    hash_units,
+    load_shard,
+    shard_path,
+    split_assignment,
+    token_dtype,
+)
 
-__all__ = ["run", "split_assignment", "encode_file", "load_shard", "check_tokens"]
+__all__ = [
+    "run",
+    "split_assignment",
+    "SplitPlan",
+    "hash_unit",
+    "hash_units",
+    "encode_file",
+    "load_shard",
+    "check_tokens",
+]
 
 log = logging.getLogger("tasks.encode")  # not __name__: under `python -m` that is "__main__"
 
 BATCH_ROWS = 1024  # rows read from parquet at a time
 BATCH_BYTES = 1 << 20  # text per encode call: the encoder holds ~100 bytes per token until it returns
-SCORE_CHUNK = 1 << 20  # indexes scored at a time when planning the split
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on a uint64 array (wrapping arithmetic): a well-mixed, portable hash."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def hash_units(seed: int, start: int, stop: int) -> np.ndarray:
-    """Numbers in [0, 1) fixed by (seed, index) for index in [start, stop): the same on every machine."""
-    key = _splitmix64(np.array([seed & _M64], dtype=np.uint64))
-    x = _splitmix64(np.arange(start, stop, dtype=np.uint64) ^ key)
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def hash_unit(seed: int, index: int) -> float:
-    return float(hash_units(seed, index, index + 1)[0])
-
-
-class SplitPlan:
-    """Which documents go to val, computed per range of indexes, so memory does not grow with the corpus.
-
-    A document is val when its hash unit is < val_fraction. With >= 2 documents both splits are
-    non-empty: if no document is val, the lowest-scoring one is; if all are, the highest-scoring one
-    is train (found by one pass over the indexes alone, SCORE_CHUNK at a time).
-    """
-
-    def __init__(self, n_docs: int, seed: int, val_fraction: float) -> None:
-        if not 0.0 <= val_fraction < 1.0:
-            raise StageError(f"encode.val_fraction={val_fraction} must be in [0, 1)")
-        self.n_docs, self.seed, self.val_fraction = n_docs, seed, val_fraction
-        self.force_val: int | None = None
-        self.force_train: int | None = None
-        if n_docs < 2:
-            return
-        any_val, all_val = False, True
-        lo, lo_at, hi, hi_at = 2.0, -1, -1.0, -1
-        for start in range(0, n_docs, SCORE_CHUNK):
-            scores = hash_units(seed, start, min(n_docs, start + SCORE_CHUNK))
-            val = scores < val_fraction
-            any_val, all_val = any_val or bool(val.any()), all_val and bool(val.all())
-            i, j = int(np.argmin(scores)), int(np.argmax(scores))
-            if scores[i] < lo:
-                lo, lo_at = float(scores[i]), start + i
-            if scores[j] > hi:
-                hi, hi_at = float(scores[j]), start + j
-        if not any_val:
-            self.force_val = lo_at  # evaluation needs held-out text even on tiny corpora
-        if all_val:
-            self.force_train = hi_at
-
-    def is_val(self, start: int, stop: int) -> np.ndarray:
-        """Boolean array for documents [start, stop): True = val."""
-        mask = hash_units(self.seed, start, stop) < self.val_fraction
-        for index, value in ((self.force_val, True), (self.force_train, False)):
-            if index is not None and start <= index < stop:
-                mask[index - start] = value
-        return mask
-
-
-def split_assignment(n_docs: int, seed: int, val_fraction: float) -> np.ndarray:
-    """Boolean array over all documents: True = the document goes to val (see SplitPlan)."""
-    return SplitPlan(n_docs, seed, val_fraction).is_val(0, n_docs)
 
 
 def frame_batch(encodings: list[Any], bos: int, eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -191,6 +145,9 @@ def encode_file(
 
 def run(params: Params, tracker: Any = None) -> dict[str, Any]:
     cfg = params.encode
+    init = open_model_init(params)
+    if init is not None:  # no pipeline tokenizer to encode with (tasks/core/skip.py)
+        return write_skipped("encode", init, [paths.TOKENS], paths.METRICS / "encode.json")
     source = paths.validated("pretrain")
     if not source.exists():
         raise StageError(f"{source} not found; run the ingest and validate stages first")

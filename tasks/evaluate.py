@@ -22,6 +22,12 @@ A model's summary entries are exactly its result["metrics"], so a new metric is 
 that dict: the summary, table, chart and MLflow pick it up (tasks/eval/report.py).
 Evaluation runs in float32 (no autocast) so scores match the Hugging Face export to 1e-4.
 
+Each model is scored with its own tokenizer (model_tokenizers): the pipeline's data/tokenizer/, or, for a
+line started from an open model (sft.init), the tokenizer and chat template its checkpoint carries. MMLU
+prepends a bos token only when that tokenizer has one; perplexity of a model with its own tokenizer is
+measured on the same held-out documents as data/tokens/val.bin (encode's split of
+data/validated/pretrain.parquet), encoded with its tokenizer (bits per byte compare across tokenizers).
+
 Win rate (`winrate_vs_sft`, for the policies sft, dpo, rlhf; tasks/eval/winrate.py): on preference prompts
 that no preference stage trained on (the intersection of the held-out splits of reward, dpo and rlhf, see
 heldout_rows), each policy against the SFT reference, greedy responses scored by the reward model.
@@ -50,6 +56,7 @@ from tasks.core.io import atomic_path, atomic_write_bytes, atomic_write_text, ki
 from tasks.core.stage import StageError, stage_main
 from tasks.data import chat_data, verifiable
 from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.data.hf_chat import HFChatTokenizer, is_hf_tokenizer_dir
 from tasks.eval import mmlu, mmlu_data, perplexity, tasks_accuracy, winrate
 from tasks.eval.report import (
     comparison_markdown,
@@ -78,6 +85,39 @@ def fewshot_policy(cfg: EvaluateConfig) -> str:
 
 def available_models(root: Path = paths.CHECKPOINTS) -> list[str]:
     return [name for name in LM_MODELS if (Path(root) / name / "config.json").is_file()]
+
+
+def model_tokenizers(names: Sequence[str]) -> dict[str, ChatTokenizer]:
+    """Each checkpoint's own tokenizer: the copy it carries (a line started from an open model), else
+    data/tokenizer/ (loaded once, only when a checkpoint needs it)."""
+    out: dict[str, ChatTokenizer] = {}
+    pipeline: ChatTokenizer | None = None
+    for name in names:
+        path = paths.checkpoint(name)
+        try:
+            if is_hf_tokenizer_dir(path):
+                out[name] = HFChatTokenizer.load(path)
+                continue
+            pipeline = pipeline or ChatTokenizer.load(paths.TOKENIZER_JSON)
+        except (OSError, ValueError) as exc:
+            raise StageError(f"{path}: cannot load the tokenizer it was trained with: {exc}") from exc
+        out[name] = pipeline
+    return out
+
+
+def heldout_documents(params: Params) -> list[str]:
+    """The held-out pretrain documents (encode's val split of data/validated/pretrain.parquet), the text
+    perplexity is measured on for a model with its own tokenizer."""
+    import pyarrow.parquet as pq
+
+    from tasks.data.shards import split_assignment
+
+    source = paths.validated("pretrain")
+    if not source.is_file():
+        raise StageError(f"{source} not found: perplexity needs the held-out pretrain text (run validate)")
+    texts = pq.read_table(source, columns=["text"]).column(0).to_pylist()
+    is_val = split_assignment(len(texts), params.encode.seed, params.encode.val_fraction)
+    return [t for t, v in zip(texts, is_val.tolist(), strict=True) if v and t]
 
 
 def check_vocab(model_vocab: int, tokenizer: ChatTokenizer, where: str) -> None:
@@ -120,10 +160,13 @@ def evaluate_model(
     shard_dtype: str | None = None,
     harness: winrate.WinRate | None = None,
     problems: Sequence[verifiable.Problem] = (),
+    documents: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """documents: the held-out text for a model with its own tokenizer (heldout_documents)."""
     start = time.time()
     model = model.to(device)
     policy = fewshot_policy(cfg)
+    bos = bool(tokenizer.specials.bos)  # an open model without a bos token (Qwen) is scored without one
     scores = mmlu.score_items(
         model,
         tokenizer,
@@ -132,20 +175,36 @@ def evaluate_model(
         MMLU_BATCH,
         device,
         shots=data.shots,
-        prepend_bos=True,
+        prepend_bos=bos,
         fewshot_policy=policy,
     )
     mmlu_seconds = time.time() - start
-    ppl = perplexity.shard_perplexity(
-        model,
-        tokenizer,
-        val_shard,
-        cfg.ppl_window,
-        cfg.ppl_stride,
-        cfg.ppl_max_tokens,
-        batch_size=PPL_BATCH,
-        device=device,
-    )
+    if isinstance(tokenizer, HFChatTokenizer):
+        text = paths.validated("pretrain")
+        ppl = perplexity.documents_perplexity(
+            model,
+            tokenizer,
+            list(documents),
+            cfg.ppl_window,
+            cfg.ppl_stride,
+            cfg.ppl_max_tokens,
+            source=f"{text} (held-out documents)",
+            batch_size=PPL_BATCH,
+            device=device,
+        )
+        ppl["text_sha256"] = sha256_file(text)
+    else:
+        ppl = perplexity.shard_perplexity(
+            model,
+            tokenizer,
+            val_shard,
+            cfg.ppl_window,
+            cfg.ppl_stride,
+            cfg.ppl_max_tokens,
+            batch_size=PPL_BATCH,
+            device=device,
+        )
+        ppl["tokens_sha256"] = sha256_file(val_shard)
     metrics = {
         "mmlu_acc": scores["acc"],
         **{f"mmlu_acc_{cat}": v["acc"] for cat, v in scores["per_category"].items()},
@@ -179,10 +238,10 @@ def evaluate_model(
         "metrics": metrics,
         "scores": register_scores(metrics),
         "protocol": {
-            "mmlu": mmlu.protocol(data.k_shot, data.split, prepend_bos=True, fewshot_policy=policy)
+            "mmlu": mmlu.protocol(data.k_shot, data.split, prepend_bos=bos, fewshot_policy=policy)
             | {"data_hash": data.data_hash, "tokenizer_fingerprint": tokenizer.fingerprint},
             "perplexity": {k: ppl[k] for k in ("window", "stride")}
-            | {"max_tokens": cfg.ppl_max_tokens, "text": str(val_shard)},
+            | {"max_tokens": cfg.ppl_max_tokens, "text": ppl["source"]},
         },
         "mmlu": {
             **{
@@ -390,7 +449,6 @@ def write_outputs(
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.evaluate
     torch.manual_seed(params.seed)
-    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
     names = available_models()
     if not names:
         raise StageError(f"no language-model checkpoints under {paths.CHECKPOINTS} ({', '.join(LM_MODELS)})")
@@ -399,10 +457,10 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     fewshot_policy(cfg)  # a bad value fails now, not after the first model
     problems = task_problems(cfg)
     reward_dir = paths.checkpoint("reward")
-    checked = [paths.checkpoint(n) for n in names] + (
-        [reward_dir] if (reward_dir / "config.json").is_file() else []
-    )
-    for path in checked:  # cheap checks of every checkpoint before the long evaluation starts
+    checked = names + (["reward"] if (reward_dir / "config.json").is_file() else [])
+    tokenizers = model_tokenizers(checked)  # each checkpoint's own
+    for name in checked:  # cheap checks of every checkpoint before the long evaluation starts
+        path, tokenizer = paths.checkpoint(name), tokenizers[name]
         ckpt_cfg = read_checkpoint_config(path)
         check_vocab(ckpt_cfg["model"].get("vocab_size", 0), tokenizer, str(path))
         recorded = ckpt_cfg.get("tokenizer_fingerprint")
@@ -412,10 +470,21 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
                 f"{tokenizer.fingerprint[:12]}: its token ids mean other strings; re-run the stages after "
                 "`tokenizer` (dvc repro)"
             )
+    scorer = [n for n in ("sft", "reward", *POLICIES) if n in tokenizers]  # the win rate's models
+    other = [n for n in scorer if tokenizers[n].fingerprint != tokenizers[scorer[0]].fingerprint]
+    if other:
+        raise StageError(
+            f"{', '.join(str(paths.checkpoint(n)) for n in other)} trained with another tokenizer than "
+            f"{paths.checkpoint(scorer[0])}; they all descend from sft: re-run the stages after sft (dvc repro)"
+        )
     from tasks.data.shards import check_tokens
 
     val_shard = paths.TOKENS / "val.bin"
-    shard_dtype = check_tokens(tokenizer)["dtype"]  # also: the shards were made by this tokenizer
+    shard_dtype = None
+    own = [n for n in names if isinstance(tokenizers[n], HFChatTokenizer)]
+    if len(own) < len(names):  # the shards were made by data/tokenizer/
+        shard_dtype = check_tokens(next(tokenizers[n] for n in names if n not in own))["dtype"]
+    documents = heldout_documents(params) if own else []
     data = mmlu_data.load_mmlu(
         cfg.mmlu_dir, cfg.mmlu_split, cfg.subjects, cfg.k_shot, cfg.max_items_per_subject
     )
@@ -428,20 +497,19 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         data.split,
     )
 
-    harness = setup_winrate(params, tokenizer, names, device)
+    harness = setup_winrate(params, tokenizers["sft"], names, device) if "sft" in tokenizers else None
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        path = paths.checkpoint(name)
+        path, tokenizer = paths.checkpoint(name), tokenizers[name]
         model, meta = load_lm(path, tokenizer)
         res = evaluate_model(
-            name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, harness, problems
+            name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, harness, problems, documents
         )
         res["checkpoint"] = {
             "path": str(path),
             "sha256": weights_sha256(path),  # model.safetensors' (adapter checkpoints: adapters + base)
             "stage": meta.get("stage", name),
         }
-        res["perplexity"]["tokens_sha256"] = sha256_file(val_shard)
         results[name] = res
         del model
 
@@ -449,7 +517,9 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
     header = (
         f"MMLU {data.k_shot}-shot on {data.split} ({len(data.items)} items, {len(data.subjects)} subjects, "
         f"few-shot policy {fewshot_policy(cfg)}); "
-        f"perplexity on {val_shard} (window {cfg.ppl_window}, stride {cfg.ppl_stride})"
+        f"perplexity on {val_shard if not own else 'the held-out documents of ' + str(val_shard)}"
+        f"{' (' + ', '.join(own) + ': with their own tokenizer)' if own else ''}"
+        f" (window {cfg.ppl_window}, stride {cfg.ppl_stride})"
         + (
             f"; win rate vs sft on {len(harness.rows)} held-out prompts (greedy, {cfg.max_new_tokens} new tokens)"
             if harness is not None

@@ -37,7 +37,9 @@ from tasks.train import rewards
 from tasks.train.alerts import alerts_at_end, kl_runaway, reward_collapse
 from tasks.train.checkpoints import check_same_architecture, load_causal_lm, load_stage_model
 from tasks.train.loop import Batch, train_stage
+from tasks.train.lora import AdaptersOff, add_adapters, base_of
 from tasks.train.losses import group_advantages, grpo_loss, kl_k3, token_logps
+from tasks.train.open_model import stage_tokenizer, tokenizer_files_of
 from tasks.train.rollouts import RolloutCache, Sampling, policy_autocast, sample_responses
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class GroupRelative:
         cfg: GRPOConfig,
         tokenizer: ChatTokenizer,
         reward: rewards.TextReward,
-        reference: Transformer | None,
+        reference: nn.Module | None,  # the frozen SFT model, or the policy with adapters off (grpo.lora)
         val_problems: list[verifiable.Problem],
         cache_dir: Any = None,
     ) -> None:
@@ -174,13 +176,18 @@ class GroupRelative:
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.grpo  # names and ranges checked with the params (tasks/core/checks.py)
-    tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
+    tokenizer = stage_tokenizer(cfg.reference)  # an open model's own, carried by its checkpoint
     policy, _ = load_causal_lm(cfg.reference, tokenizer.fingerprint)
-    reference = None
-    if cfg.beta > 0:  # beta = 0: no KL term, no reference forward (as TRL)
-        reference, _ = load_causal_lm(cfg.reference, tokenizer.fingerprint)
-        check_same_architecture(policy, reference, (cfg.reference, cfg.reference))
-        reference.requires_grad_(False).eval()
+    reference: nn.Module | None = None
+    adapters = None
+    if cfg.lora.enabled:  # adapters on the policy; the reference is its own frozen base (adapters off)
+        base = base_of(paths.checkpoint(cfg.reference), "checkpoint")
+        adapters = add_adapters(policy, cfg.lora, cfg.train, base, where="grpo")
+        reference = AdaptersOff(policy) if cfg.beta > 0 else None
+    elif cfg.beta > 0:  # beta = 0: no KL term, no reference forward (as TRL)
+        frozen, _ = load_causal_lm(cfg.reference, tokenizer.fingerprint)
+        check_same_architecture(policy, frozen, (cfg.reference, cfg.reference))
+        reference = frozen.requires_grad_(False).eval()
 
     def reward_model() -> Any:
         model, _ = load_stage_model("reward", tokenizer.fingerprint, kind="scalar_head")
@@ -207,6 +214,8 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         parent=cfg.reference,
         on_step=alerts_at_end(cfg.train.max_steps, lambda _: objective.alerts(params), params, tracker),
         extra_metrics=initial,
+        files=tokenizer_files_of(tokenizer),
+        adapters=adapters,
     )
 
 

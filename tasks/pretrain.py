@@ -26,6 +26,7 @@ from models.llama import Transformer
 from tasks.core import paths
 from tasks.core.config import ConfigError, Params
 from tasks.core.launch import training_main
+from tasks.core.skip import open_model_init, write_skipped
 from tasks.core.stage import StageError
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.data.shards import check_tokens, load_shard
@@ -109,6 +110,16 @@ def model_config(params: Params, tokenizer: ChatTokenizer) -> ModelConfig:
 
 def run(params: Params, tracker: Any) -> dict[str, float]:
     cfg = params.pretrain
+    init = open_model_init(params)
+    if init is not None:  # sft starts from the open model, not from a base (tasks/core/skip.py)
+        write_skipped(
+            "pretrain",
+            init,
+            [paths.checkpoint("base")],
+            paths.METRICS / "pretrain.json",
+            paths.PLOTS / "pretrain.csv",
+        )
+        return {}
     tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
     check_tokens(tokenizer)
     train_tokens, val_tokens = load_shard("train"), load_shard("val")

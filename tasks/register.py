@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from tasks.core import paths, stages, tracking
+from tasks.core import paths, skip, stages, tracking
 from tasks.core.config import Params, RegisterConfig
 from tasks.core.io import read_json, write_json
 from tasks.core.stage import StageError, stage_main
@@ -51,6 +51,35 @@ def lineage(name: str) -> dict[str, str]:
             if entry["path"].startswith("data/"):
                 tags[f"dvc.{kind}.{entry['path']}"] = entry.get("md5", entry.get("hash", ""))
     return tags
+
+
+def init_tags(name: str) -> dict[str, str]:
+    """Where the model's line started: `init.source` is `pipeline` (the pipeline's own base), or the open
+    model sft started from (sft.init), found by following each checkpoint's parent to the one that records
+    it: the hub id and revision (`init.hf_id`, `init.revision`) or the local folder (`init.folder`), with
+    the folder's content sha256 (`init.sha256`) and its model_type."""
+    seen: set[str] = set()
+    current: str | None = name
+    while current and current not in seen and (paths.checkpoint(current) / "config.json").is_file():
+        seen.add(current)
+        meta = read_json(paths.checkpoint(current) / "config.json")
+        init = meta.get("init")
+        if isinstance(init, dict) and init.get("source"):
+            source = str(init["source"])
+            tags = {
+                "init.source": source,
+                "init.sha256": str(init.get("sha256", "")),
+                "init.model_type": str(init.get("model_type", "")),
+                "init.stage": current,
+            }
+            if source.startswith("hf:"):
+                hf_id, revision = source[len("hf:") :].split("@", 1)
+                tags |= {"init.hf_id": hf_id, "init.revision": revision}
+            else:
+                tags["init.folder"] = str(init.get("folder", source))
+            return tags
+        current = meta.get("parent")
+    return {"init.source": "pipeline"}
 
 
 def eval_scores(name: str) -> dict[str, float]:
@@ -144,7 +173,11 @@ def merged_checkpoint(ckpt: Path, model: Any, meta: dict[str, Any]) -> Iterator[
     lineage = {k: v for k, v in meta.items() if k not in ("model", "kind", "adapter")}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / ckpt.name
-        extra = {f.name: f for f in ckpt.iterdir() if f.name.startswith("tokenizer")}
+        extra = {  # an open model's tokenizer and chat template (tasks/train/open_model.py:tokenizer_files)
+            f.name: f
+            for f in ckpt.iterdir()
+            if f.name.startswith("tokenizer") or f.name == "chat_template.jinja"
+        }
         save_checkpoint(
             out, model, model.config, meta={**lineage, "merged_adapter": meta["adapter"]}, files=extra
         )
@@ -175,6 +208,7 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
     tags = {
         **tracking.git_info(),
         **lineage(name),
+        **init_tags(name),
         "tokenizer_fingerprint": meta.get("tokenizer_fingerprint", ""),
         "weights_sha256": weights_sha256,
         "stage": stage,
@@ -208,12 +242,12 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
 
 
 def run(params: Params, tracker: Any) -> dict[str, Any]:
-    # Every model or none: a missing checkpoint is named before the first version is registered.
-    missing = [
-        str(paths.checkpoint(n))
-        for n in stages.models()
-        if not any(paths.checkpoint(n).glob("*.safetensors"))
-    ]
+    # Every model or none: a missing checkpoint is named before the first version is registered. A stage
+    # an open model made unnecessary (pretrain, tasks/core/skip.py) left a marker, not a model: not registered.
+    models = [n for n in stages.models() if not (paths.checkpoint(n) / skip.MARKER).is_file()]
+    for name in sorted(set(stages.models()) - set(models)):
+        log.info("%s: not registered (%s)", name, read_json(paths.checkpoint(name) / skip.MARKER)["skipped"])
+    missing = [str(paths.checkpoint(n)) for n in models if not any(paths.checkpoint(n).glob("*.safetensors"))]
     if missing:
         raise StageError(
             f"no checkpoint in {', '.join(missing)}; run the stages before register (nothing registered)"
@@ -221,7 +255,7 @@ def run(params: Params, tracker: Any) -> dict[str, Any]:
     params_file = Path("params.yaml")
     # The params.yaml (secrets redacted) with its sha256 stored beside it: replay checks both and the tags.
     params_sha256 = tracker.log_params_file(params_file, PARAMS_ARTIFACT)
-    results = {name: register_one(name, params, tracker, params_sha256) for name in stages.models()}
+    results = {name: register_one(name, params, tracker, params_sha256) for name in models}
     paths.REGISTRY.mkdir(parents=True, exist_ok=True)
     write_json(paths.REGISTRY / "registered.json", results)
     return results

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tasks.core import paths
 from tasks.core.config import Params, TokenizerConfig
 from tasks.core.io import atomic_path, atomic_write_text, sha256_file, write_json
+from tasks.core.skip import open_model_init, write_skipped
 from tasks.core.stage import StageError, stage_main
 from tasks.data.chat_tokenizer import ChatTokenizer, SpecialTokens, write_tokenizer_config
 
@@ -109,6 +110,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path, specials: SpecialTokens | None
 def run(params: Params, tracker: Any = None) -> dict[str, Any]:
     cfg = params.tokenizer
     check_config(cfg)  # before reading any data
+    init = open_model_init(params)
+    if init is not None:  # the open model brings its own tokenizer (tasks/core/skip.py)
+        return write_skipped("tokenizer", init, [paths.TOKENIZER_DIR], paths.METRICS / "tokenizer.json")
     source = paths.validated("pretrain")
     if not source.exists():
         raise StageError(f"{source} not found; run the ingest and validate stages first")

@@ -331,7 +331,7 @@ def test_adapter_checkpoint_refuses_a_changed_base(sft_lora: Path, tmp_path: Pat
     ("override", "message"),
     [
         ("pretrain.lora.enabled=true", "unknown config key.*pretrain.lora"),
-        ("grpo.lora.enabled=true", "unknown config key.*grpo.lora"),
+        ("grpo.lora.rank=0", "grpo.lora: lora.rank must be an integer >= 1"),
         (
             "sft.lora.target_modules=[q_proj, qkv]",
             "sft.lora: lora.target_modules\\[1\\]='qkv' matches no module",

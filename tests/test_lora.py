@@ -169,3 +169,25 @@ def test_reward_and_rlhf_with_lora_keep_their_heads_and_reference(tmp_path: Path
     x = tokens(20, vocab=384)
     with torch.no_grad():
         assert (policy(x) - sft.eval()(x)).abs().max().item() > 0, "PPO's adapters changed the policy"
+
+
+def test_grpo_with_lora_trains_adapters_on_sft(tmp_path: Path) -> None:
+    """grpo.lora: the same hook as the other stages; the KL reference is the policy with its adapters off
+    (no second model), the checkpoint holds the adapters and a pointer to data/checkpoints/sft."""
+    from tests.test_grpo import grpo_workspace, run_grpo
+
+    root = grpo_workspace(
+        tmp_path / "ws", ["grpo.lora.enabled=true", "grpo.lora.rank=4", "grpo.train.max_steps=2"]
+    )
+    ok(run_grpo(root))
+    adapters = load_file(str(root / paths.checkpoint("grpo") / "adapter.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert len(adapters) == 2 * 7 * 2  # A, B x 7 targets x 2 layers
+    assert not (root / paths.checkpoint("grpo") / "model.safetensors").exists()
+    metrics = json.loads((root / "data/metrics/grpo.json").read_text())
+    assert metrics["kl"] >= 0
+    with contextlib.chdir(root):
+        policy, meta = load_checkpoint(paths.checkpoint("grpo"))
+        sft, _ = load_checkpoint(paths.checkpoint("sft"))
+    assert meta["adapter"]["base"]["path"] == "data/checkpoints/sft"
+    assert isinstance(policy, Transformer) and policy.config == sft.config

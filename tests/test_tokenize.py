@@ -15,6 +15,7 @@ import pytest
 from tasks import encode, ingest, tokenizer
 from tasks.core.config import Params, build
 from tasks.core.stage import StageError
+from tasks.data import shards
 from tasks.data.chat_tokenizer import ChatTokenizer, TokenizerMismatch
 from tasks.data.shards import check_tokens, load_shard, token_dtype
 from tests.helpers.datahelpers import (
@@ -116,7 +117,7 @@ def test_encode_shards_do_not_depend_on_batch_sizes_and_split_is_chunked(ws, mon
     first = tree_hashes(ws / "data" / "tokens")
     monkeypatch.setattr(encode, "BATCH_ROWS", 7)
     monkeypatch.setattr(encode, "BATCH_BYTES", 3000)  # many encode calls, several per record batch
-    monkeypatch.setattr(encode, "SCORE_CHUNK", 5)
+    monkeypatch.setattr(shards, "SCORE_CHUNK", 5)  # the split plan lives in tasks/data/shards.py
     encode.run(make_params(), None)
     assert tree_hashes(ws / "data" / "tokens") == first
     plan = encode.SplitPlan(23, 3, 0.3)

@@ -264,6 +264,7 @@ class GRPOConfig:
     reward_weights: list[float] = field(default_factory=list)  # empty = 1.0 each
     reference: str = "sft"
     val_problems: int = 64  # held-out problems greedily answered for val/accuracy
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, lr=1e-5, min_lr=1e-6))
 
 

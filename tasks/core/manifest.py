@@ -57,6 +57,10 @@ def build(files: dict[str, Path]) -> bytes:
 def entry(files: dict[str, str], basename: str) -> str:
     """The one manifest path that ends in `basename` outside code/ (the file a tag names)."""
     found = [rel for rel in files if rel.rsplit("/", 1)[-1] == basename and not rel.startswith("code/")]
+    if len(found) > 1 and len({files[rel] for rel in found}) == 1:
+        # an open model's checkpoint carries the very tokenizer.json that is also the tokenizer artifact:
+        # identical copies, the tag names the outermost
+        found = [min(found, key=lambda rel: (rel.count("/"), rel))]
     if len(found) != 1:
         raise ManifestError(f"the manifest lists {len(found)} files named {basename}, expected one")
     return found[0]

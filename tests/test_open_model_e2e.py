@@ -1,0 +1,115 @@
+"""An open model's line end to end: a Qwen3 folder made here with transformers (no hub) in init/, then
+`dvc repro` of the whole graph in a temp git + DVC project: tokenizer, encode and pretrain only leave their
+markers (sft.init is a param of theirs), sft (LoRA) -> reward -> dpo (LoRA) -> rlhf -> grpo train with the
+model's own tokenizer and chat template, evaluate scores each model with it, register records where the
+line started (the folder and its sha256) on every version, read back from the project's sqlite MLflow
+store; the registered sft serves with the model's chat template; `dvc status` is clean afterwards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.adapters import folder_sha256
+from tasks.data.hf_chat import HFChatTokenizer
+from tests.helpers.hfmodels import hf_model, save_chat_tokenizer, save_hf
+from tests.helpers.project import make_project
+from tests.test_e2e import mlflow_client, project_env, sh
+
+pytestmark = pytest.mark.e2e
+
+FOLDER = "init/qwen3"
+STEPS = {"sft": 4, "reward": 4, "dpo": 4, "rlhf": 2, "grpo": 2}
+OVERRIDES = [
+    f"sft.init={FOLDER}",
+    "sft.lora.enabled=true",
+    "sft.lora.rank=4",
+    "dpo.lora.enabled=true",
+    "dpo.lora.rank=4",
+    *[
+        f"{s}.train.{k}={n}"
+        for s, n in STEPS.items()
+        for k in ("max_steps", "eval_every", "checkpoint_every")
+    ],
+    "evaluate.max_items_per_subject=2",
+    "evaluate.task_problems=4",
+    "evaluate.winrate_prompts=4",
+    "grpo.val_problems=4",
+]
+SKIPPED = ("tokenizer", "encode", "pretrain")
+TRAINED = ("sft", "reward", "dpo", "rlhf", "grpo")
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("open-model") / "project")
+    save_chat_tokenizer(root / FOLDER, "chatml", vocab_size=300)
+    save_hf(hf_model("qwen3", vocab_size=320), root / FOLDER)  # an embedding padded past the tokenizer
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    sh([sys.executable, "-m", "flows.cli", "params", "--profile", "tiny", *sets], root)
+    sh(["dvc", "repro"], root, timeout=1500)
+    return root
+
+
+def test_open_model_line_runs_without_pretraining_and_registers_its_source(
+    line: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = line / FOLDER
+    tokenizer = HFChatTokenizer.load(folder)
+    # tokenizer, encode and pretrain left markers, not work; DVC recorded them, so nothing is pending
+    for stage, out in zip(SKIPPED, ("data/tokenizer", "data/tokens", "data/checkpoints/base"), strict=True):
+        assert sorted(p.name for p in (line / out).iterdir()) == ["SKIPPED.json"], out
+        assert json.loads((line / f"data/metrics/{stage}.json").read_text()) == {"skipped": 1}
+    status = subprocess.run(
+        ["dvc", "status", "--json"], cwd=line, env=project_env(line), capture_output=True, text=True
+    )
+    assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout + status.stderr
+    lock = yaml.safe_load((line / "dvc.lock").read_text())["stages"]
+    assert lock["pretrain"]["params"]["params.yaml"]["sft.init"] == FOLDER
+
+    # every model of the line trained and was evaluated with the open model's tokenizer
+    for stage in TRAINED:
+        meta = json.loads((line / f"data/checkpoints/{stage}/config.json").read_text())
+        assert meta["tokenizer_fingerprint"] == tokenizer.fingerprint, stage
+    evaluated = sorted(p.stem for p in (line / "data/eval").glob("*.json") if p.stem != "summary")
+    assert evaluated == sorted(["sft", "dpo", "rlhf", "grpo"])
+    for name in evaluated:
+        result = json.loads((line / f"data/eval/{name}.json").read_text())
+        assert result["tokenizer_fingerprint"] == tokenizer.fingerprint
+        assert result["protocol"]["mmlu"]["prepend_bos"] is False  # ChatML (Qwen) has no bos token
+        assert "held-out documents" in result["protocol"]["perplexity"]["text"]
+        assert result["metrics"]["ppl"] > 1 and result["metrics"]["bpb"] > 0
+        assert "task_acc" in result["metrics"]
+
+    # register: every model of the line, none for the base that was never trained, the source on each
+    client = mlflow_client(line)
+    registered = json.loads((line / "data/registry/registered.json").read_text())
+    assert sorted(registered) == sorted(TRAINED)
+    sha = folder_sha256(folder)
+    for stage in TRAINED:
+        version = client.get_model_version(f"pipeline-{stage}", "1")
+        assert version.tags["init.source"] == FOLDER
+        assert version.tags["init.folder"] == FOLDER
+        assert version.tags["init.sha256"] == sha
+        assert version.tags["init.model_type"] == "qwen3"
+        assert version.tags["tokenizer_fingerprint"] == tokenizer.fingerprint
+    assert not client.search_model_versions("name='pipeline-base'")
+
+    # the registered sft serves with the model's own chat template (through the integrity checks)
+    from tasks.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{line / 'mlflow.db'}")
+    model, _ = tracking.load_registered("pipeline-sft/1")
+    assert isinstance(model.tokenizer, HFChatTokenizer)
+    assert model.tokenizer.fingerprint == tokenizer.fingerprint
+    chat = [{"role": "user", "content": "What does json.dumps do?"}]
+    expected = tokenizer.render_chat(chat, add_generation_prompt=True)[0]
+    assert model._prompt(chat, 4) == expected
+    assert tokenizer.decode(expected, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    answer = model.predict(None, [{"messages": chat}], {"max_new_tokens": 4})
+    assert isinstance(answer[0], str)

@@ -355,6 +355,7 @@ def test_bad_init_and_lora_settings_name_the_key(override: str, message: str) ->
         ("missing", ["sft.init=init/absent"], "sft.init='init/absent': no such folder"),
         ("sliding-window", [], "sliding_window=16 < max_position_embeddings"),
         ("no-template", [], "has no chat template"),
+        ("not-causal-lm", [], "not a causal language model"),
         (
             "bf16-base",
             ["sft.lora.base_bf16=true", "sft.train.bf16=false"],
@@ -371,6 +372,10 @@ def test_bad_open_model_fails_before_any_work(
         save_hf(hf_model("qwen3", vocab_size=96), folder)
     if setup == "sliding-window":
         save_hf(hf_model("qwen2", vocab_size=320, use_sliding_window=True, sliding_window=16), folder)
+    if setup == "not-causal-lm":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["architectures"] = ["Qwen3ForSequenceClassification"]
+        (folder / "config.json").write_text(json.dumps(cfg))
     if setup == "no-template":
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": None}))

@@ -1,9 +1,10 @@
 """An open model's line end to end: a Qwen3 folder made here with transformers (no hub) in init/, then
-`dvc repro` of the whole graph in a temp git + DVC project: tokenizer, encode and pretrain only leave their
-markers (sft.init is a param of theirs), sft (LoRA) -> reward -> dpo (LoRA) -> rlhf -> grpo train with the
-model's own tokenizer and chat template, evaluate scores each model with it, register records where the
-line started (the folder and its sha256) on every version, read back from the project's sqlite MLflow
-store; the registered sft serves with the model's chat template; `dvc status` is clean afterwards."""
+`pipeline run` (the Prefect flow over the whole graph) in a temp git + DVC project: tokenizer, encode and
+pretrain only leave their markers (sft.init is a param of theirs), sft (LoRA) -> reward -> dpo (LoRA) ->
+rlhf -> grpo train with the model's own tokenizer and chat template, evaluate scores each model with it,
+register records where the line started (the folder and its sha256) on every version, read back from the
+project's sqlite MLflow store; the registered sft serves with the model's chat template; `dvc status` is
+clean afterwards."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from models.adapters import folder_sha256
 from tasks.data.hf_chat import HFChatTokenizer
 from tests.helpers.hfmodels import hf_model, save_chat_tokenizer, save_hf
 from tests.helpers.project import make_project
-from tests.test_e2e import mlflow_client, project_env, sh
+from tests.test_e2e import mlflow_client, project_env
 
 pytestmark = pytest.mark.e2e
 
@@ -46,13 +47,18 @@ TRAINED = ("sft", "reward", "dpo", "rlhf", "grpo")
 
 
 @pytest.fixture(scope="module")
-def line(tmp_path_factory) -> Path:
+def line(tmp_path_factory, prefect_harness) -> Path:
+    """`pipeline run` (the Prefect flow: every stage of dvc.yaml, each as `dvc repro --single-item`)."""
+    from prefect.settings import PREFECT_API_URL
+
     root = make_project(tmp_path_factory.mktemp("open-model") / "project")
     save_chat_tokenizer(root / FOLDER, "chatml", vocab_size=300)
     save_hf(hf_model("qwen3", vocab_size=320), root / FOLDER)  # an embedding padded past the tokenizer
     sets = [a for o in OVERRIDES for a in ("--set", o)]
-    sh([sys.executable, "-m", "flows.cli", "params", "--profile", "tiny", *sets], root)
-    sh(["dvc", "repro"], root, timeout=1500)
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--retries", "0", *sets]
+    env = dict(project_env(root), PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return root
 
 
@@ -65,6 +71,8 @@ def test_open_model_line_runs_without_pretraining_and_registers_its_source(
     for stage, out in zip(SKIPPED, ("data/tokenizer", "data/tokens", "data/checkpoints/base"), strict=True):
         assert sorted(p.name for p in (line / out).iterdir()) == ["SKIPPED.json"], out
         assert json.loads((line / f"data/metrics/{stage}.json").read_text()) == {"skipped": 1}
+        assert f"{stage} skipped: sft.init={FOLDER}" in (line / f".pipeline/logs/{stage}.log").read_text()
+    assert not (line / "data/state/pretrain").exists()
     status = subprocess.run(
         ["dvc", "status", "--json"], cwd=line, env=project_env(line), capture_output=True, text=True
     )

@@ -56,7 +56,7 @@ from tasks.core.io import atomic_path, atomic_write_bytes, atomic_write_text, ki
 from tasks.core.stage import StageError, stage_main
 from tasks.data import chat_data, verifiable
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.data.hf_chat import HFChatTokenizer, is_hf_tokenizer_dir
+from tasks.data.hf_chat import carried_tokenizer
 from tasks.eval import mmlu, mmlu_data, perplexity, tasks_accuracy, winrate
 from tasks.eval.report import (
     comparison_markdown,
@@ -95,14 +95,20 @@ def model_tokenizers(names: Sequence[str]) -> dict[str, ChatTokenizer]:
     for name in names:
         path = paths.checkpoint(name)
         try:
-            if is_hf_tokenizer_dir(path):
-                out[name] = HFChatTokenizer.load(path)
+            carried = carried_tokenizer(path)
+            if carried is not None:
+                out[name] = carried
                 continue
             pipeline = pipeline or ChatTokenizer.load(paths.TOKENIZER_JSON)
         except (OSError, ValueError) as exc:
             raise StageError(f"{path}: cannot load the tokenizer it was trained with: {exc}") from exc
         out[name] = pipeline
     return out
+
+
+def own_tokenizer(tokenizer: ChatTokenizer) -> bool:
+    """A tokenizer other than data/tokenizer/ (whose token shards data/tokens/ holds)."""
+    return Path(tokenizer.path).resolve() != paths.TOKENIZER_JSON.resolve()
 
 
 def heldout_documents(params: Params) -> list[str]:
@@ -162,7 +168,8 @@ def evaluate_model(
     problems: Sequence[verifiable.Problem] = (),
     documents: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """documents: the held-out text for a model with its own tokenizer (heldout_documents)."""
+    """documents: the held-out text for a model with its own tokenizer (heldout_documents); perplexity is
+    measured on them when given, else on val_shard."""
     start = time.time()
     model = model.to(device)
     policy = fewshot_policy(cfg)
@@ -179,7 +186,7 @@ def evaluate_model(
         fewshot_policy=policy,
     )
     mmlu_seconds = time.time() - start
-    if isinstance(tokenizer, HFChatTokenizer):
+    if documents:
         text = paths.validated("pretrain")
         ppl = perplexity.documents_perplexity(
             model,
@@ -481,7 +488,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
 
     val_shard = paths.TOKENS / "val.bin"
     shard_dtype = None
-    own = [n for n in names if isinstance(tokenizers[n], HFChatTokenizer)]
+    own = [n for n in names if own_tokenizer(tokenizers[n])]
     if len(own) < len(names):  # the shards were made by data/tokenizer/
         shard_dtype = check_tokens(next(tokenizers[n] for n in names if n not in own))["dtype"]
     documents = heldout_documents(params) if own else []
@@ -503,7 +510,17 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         path, tokenizer = paths.checkpoint(name), tokenizers[name]
         model, meta = load_lm(path, tokenizer)
         res = evaluate_model(
-            name, model, tokenizer, data, cfg, val_shard, device, shard_dtype, harness, problems, documents
+            name,
+            model,
+            tokenizer,
+            data,
+            cfg,
+            val_shard,
+            device,
+            shard_dtype,
+            harness,
+            problems,
+            documents if name in own else (),
         )
         res["checkpoint"] = {
             "path": str(path),

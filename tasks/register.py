@@ -57,7 +57,8 @@ def init_tags(name: str) -> dict[str, str]:
     """Where the model's line started: `init.source` is `pipeline` (the pipeline's own base), or the open
     model sft started from (sft.init), found by following each checkpoint's parent to the one that records
     it: the hub id and revision (`init.hf_id`, `init.revision`) or the local folder (`init.folder`), with
-    the folder's content sha256 (`init.sha256`) and its model_type."""
+    the folder's content sha256 (`init.sha256`) and its model_type; a registered model as the start also
+    names its version (`init.registered_model`, `init.version`, `init.manifest_sha256`)."""
     seen: set[str] = set()
     current: str | None = name
     while current and current not in seen and (paths.checkpoint(current) / "config.json").is_file():
@@ -77,6 +78,9 @@ def init_tags(name: str) -> dict[str, str]:
                 tags |= {"init.hf_id": hf_id, "init.revision": revision}
             else:
                 tags["init.folder"] = str(init.get("folder", source))
+            for key in ("registered_model", "version", "manifest_sha256"):  # models:/<name>@<alias>
+                if key in init:
+                    tags[f"init.{key}"] = str(init[key])
             return tags
         current = meta.get("parent")
     return {"init.source": "pipeline"}

@@ -106,7 +106,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         base, parent, init_lineage, files = (paths.checkpoint("base"), "checkpoint"), "base", None, None
     else:
         tokenizer, model = opened.tokenizer, opened.model
-        base, parent = (opened.folder, "hf"), cfg.init
+        base, parent = (opened.folder, opened.base_format), cfg.init
         init_lineage, files = {"init": opened.lineage}, tokenizer_files(opened.folder)
     adapters = None
     if cfg.lora.enabled:

@@ -341,6 +341,7 @@ def test_adapter_checkpoint_refuses_a_changed_base(sft_lora: Path, tmp_path: Pat
         ("sft.init=hf:HuggingFaceTB/SmolLM2-135M", "sft.init=.*with the revision .* pinned"),
         ("sft.init=/models/qwen", "sft.init='/models/qwen': expected `pipeline`, hf:"),
         ("sft.init=init/../data", "sft.init='init/../data': expected"),
+        ("sft.init=models:/pipeline-sft", "sft.init='models:/pipeline-sft': a registered model is models:/"),
     ],
 )
 def test_bad_init_and_lora_settings_name_the_key(override: str, message: str) -> None:

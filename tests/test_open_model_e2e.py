@@ -121,3 +121,68 @@ def test_open_model_line_runs_without_pretraining_and_registers_its_source(
     assert tokenizer.decode(expected, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     answer = model.predict(None, [{"messages": chat}], {"max_new_tokens": 4})
     assert isinstance(answer[0], str)
+
+
+def test_a_registered_model_starts_a_line(line: Path, tmp_path: Path) -> None:
+    """sft.init: models:/pipeline-dpo@champion (the line above's dpo, itself from init/qwen3): verified,
+    copied into init/registry/, fine-tuned with the tokenizer it carries; the lineage names the version
+    and, as origin, where that model's line started. A reward model or an unknown name: refused."""
+    import shutil
+
+    from tasks import register
+    from tasks.core import paths
+
+    root = tmp_path / "project"
+    shutil.copytree(line, root, symlinks=True)
+    env = project_env(root)
+    registry = f"sqlite:///{line / 'mlflow.db'}"  # the line's registry (its artifacts stay where they are)
+    env["MLFLOW_TRACKING_URI"] = registry
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+    def params(init: str) -> None:
+        sets = [o for o in OVERRIDES if not o.startswith("sft.init=")] + [f"sft.init={init}"]
+        proc = run(
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "params",
+            "--profile",
+            "tiny",
+            *[a for o in sets for a in ("--set", o)],
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    for init, message in (
+        ("models:/pipeline-reward@champion", "is a scalar_head model, not a causal language model"),
+        ("models:/pipeline-nope@champion", "no registered model named 'pipeline-nope'"),
+    ):
+        params(init)
+        proc = run(sys.executable, "-m", "tasks.sft")
+        assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout[-2000:]
+        assert json.loads((root / "data/checkpoints/sft/config.json").read_text())["init"]["source"] == FOLDER
+
+    params("models:/pipeline-dpo@champion")
+    proc = run("dvc", "repro", "sft")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = mlflow_client(line)
+    version = client.get_model_version_by_alias("pipeline-dpo", "champion")
+    copied = root / "init/registry" / f"pipeline-dpo-v{version.version}"
+    assert (copied / "model.safetensors").is_file()  # the merged model, as registered
+    meta = json.loads((root / "data/checkpoints/sft/config.json").read_text())
+    init = meta["init"]
+    assert init["registered_model"] == "pipeline-dpo" and init["version"] == str(version.version)
+    assert init["manifest_sha256"] == version.tags["manifest.sha256"]
+    assert init["origin"]["source"] == FOLDER and init["sha256"] == folder_sha256(copied)
+    assert meta["tokenizer_fingerprint"] == HFChatTokenizer.load(line / FOLDER).fingerprint
+    assert meta["adapter"]["base"]["path"] == str(copied.relative_to(root))
+    with __import__("contextlib").chdir(root):
+        tags = register.init_tags("sft")
+        from models.checkpoint import load_checkpoint
+
+        load_checkpoint(paths.checkpoint("sft"))  # adapters merge onto the copied base
+    assert tags["init.source"] == "models:/pipeline-dpo@champion"
+    assert tags["init.registered_model"] == "pipeline-dpo" and tags["init.version"] == str(version.version)
+    status = run("dvc", "status", "sft", "--json")
+    assert json.loads(status.stdout or "{}") == {}, status.stdout

@@ -170,9 +170,16 @@ class LoRAConfig:
 
 
 def check_init(init: str, key: str) -> None:
-    """`pipeline` (the pipeline's own model), a folder under init/ holding a Hugging Face model, or
-    `hf:<org>/<name>@<revision>` (downloaded into init/hub/ at a pinned revision)."""
+    """`pipeline` (the pipeline's own model), a folder under init/ holding a Hugging Face model,
+    `hf:<org>/<name>@<revision>` (downloaded into init/hub/ at a pinned revision), or a registered model
+    `models:/<name>@<alias>` / `models:/<name>/<version>` (the project's MLflow registry, verified)."""
     if init == "pipeline":
+        return
+    if init.startswith("models:"):
+        if not re.fullmatch(r"models:/[\w.-]+(@[\w.-]+|/\d+)", init):
+            raise ValueError(
+                f"{key}={init!r}: a registered model is models:/<name>@<alias> or models:/<name>/<version>"
+            )
         return
     if init.startswith("hf:"):
         if not re.fullmatch(r"hf:[\w.-]+/[\w.-]+@[\w./-]+", init):
@@ -184,7 +191,8 @@ def check_init(init: str, key: str) -> None:
     parts = Path(init).parts
     if Path(init).is_absolute() or len(parts) < 2 or parts[0] != INIT_DIR or ".." in parts:
         raise ValueError(
-            f"{key}={init!r}: expected `pipeline`, hf:<org>/<name>@<revision>, or a folder under {INIT_DIR}/ "
+            f"{key}={init!r}: expected `pipeline`, hf:<org>/<name>@<revision>, models:/<name>@<alias>, or a "
+            f"folder under {INIT_DIR}/ "
             f"(copy the model there: {INIT_DIR}/ is a DVC dep of the stage, so editing it re-runs the stage)"
         )
 
@@ -194,7 +202,8 @@ class SFTConfig:
     seq_len: int = 256
     val_fraction: float = 0.1
     packing: bool = False  # pack conversations into seq_len rows; doc_ids keep attention per conversation
-    init: str = "pipeline"  # the model to start from: pipeline | init/<folder> | hf:<org>/<name>@<revision>
+    # the model to start from: pipeline | init/<folder> | hf:<org>/<name>@<revision> | models:/<name>@<alias>
+    init: str = "pipeline"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=3e-4, min_lr=3e-5))
 

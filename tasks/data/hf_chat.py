@@ -69,6 +69,17 @@ def is_hf_tokenizer_dir(folder: Path) -> bool:
     )
 
 
+def carried_tokenizer(folder: Path) -> ChatTokenizer | None:
+    """The tokenizer a checkpoint (or a model folder) carries: an open model's, with its chat template, or
+    a copy of the pipeline's own (a line started from a registered model); None when it carries none."""
+    folder = Path(folder)
+    if is_hf_tokenizer_dir(folder):
+        return HFChatTokenizer.load(folder)
+    if (folder / "tokenizer.json").is_file():
+        return ChatTokenizer.load(folder / "tokenizer.json")
+    return None
+
+
 def _environment() -> Any:
     import jinja2
     from jinja2.ext import Extension

@@ -214,17 +214,16 @@ class ChatModel(PythonModel):
 
         from models.checkpoint import load_checkpoint
         from tasks.data.chat_tokenizer import ChatTokenizer
-        from tasks.data.hf_chat import HFChatTokenizer, is_hf_tokenizer_dir
+        from tasks.data.hf_chat import carried_tokenizer
 
         self.admission = Admission.from_env()  # a malformed limit stops the server before it serves
         self.model: Any
         checkpoint = Path(context.artifacts["checkpoint"])
         self.model, self.meta = load_checkpoint(checkpoint)
-        self.tokenizer: ChatTokenizer
-        if is_hf_tokenizer_dir(checkpoint):  # an open model's line: its own tokenizer and chat template
-            self.tokenizer = HFChatTokenizer.load(checkpoint)
-        else:
-            self.tokenizer = ChatTokenizer.load(Path(context.artifacts["tokenizer"]))
+        # an open model's line carries its own tokenizer and chat template in the checkpoint
+        self.tokenizer = carried_tokenizer(checkpoint) or ChatTokenizer.load(
+            Path(context.artifacts["tokenizer"])
+        )
         if self.meta.get("tokenizer_fingerprint") not in (None, self.tokenizer.fingerprint):
             raise ValueError("checkpoint and tokenizer artifacts come from different tokenizers")
 

@@ -1,4 +1,5 @@
-"""Starting a stage from an open model: `<stage>.init` = pipeline | init/<folder> | hf:<org>/<name>@<revision>.
+"""Starting a stage from an open model: `<stage>.init` = pipeline | init/<folder> | hf:<org>/<name>@<revision>
+| models:/<name>@<alias> | models:/<name>/<version>.
 
 A folder under init/ holds a Hugging Face model as save_pretrained writes it (config.json, model.safetensors
 or shards + index, tokenizer.json, tokenizer_config.json with the chat template). init/ is a DVC dep of
@@ -10,10 +11,17 @@ only: model weights in safetensors, config, tokenizer; never pickles).
 is unsupported), the tokenizer and chat template, and that every token id has an embedding row. The
 lineage it returns (source, folder content sha256, model_type) goes into the checkpoint's config.json.
 Every checkpoint of that line carries the model's tokenizer files; `stage_tokenizer` finds them.
+
+`models:/<name>@<alias>` starts from a version of the project's MLflow registry: resolved to its version
+number, downloaded and checked against its integrity manifest and tags (tasks/core/tracking.py
+download_verified) before anything in it is read, and its checkpoint (merged, with the tokenizer it was
+trained with) copied into init/registry/<name>-v<version>/, where LoRA adapters trained on it find their
+base. DVC does not see the registry: when the alias moves, `dvc repro --force sft` (or pin a version).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,7 @@ from tasks.core import paths
 from tasks.core.config import INIT_DIR, ConfigError
 from tasks.core.stage import StageError
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.data.hf_chat import HFChatTokenizer, check_vocab, is_hf_tokenizer_dir
+from tasks.data.hf_chat import HFChatTokenizer, carried_tokenizer, check_vocab
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +42,10 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # no *.b
 @dataclass
 class OpenModel:
     model: Transformer
-    tokenizer: HFChatTokenizer
+    tokenizer: ChatTokenizer  # an HFChatTokenizer, or the pipeline's own for a registered model
     folder: Path
     lineage: dict[str, Any]
+    base_format: str = "hf"  # how LoRA adapters trained on it point to their base (models/adapters.py)
 
 
 def hub_folder(init: str) -> Path:
@@ -67,11 +76,89 @@ def resolve_init(init: str, key: str) -> Path | None:
     return folder
 
 
+def registered_model(init: str, key: str) -> tuple[Path, dict[str, Any]]:
+    """models:/<name>@<alias> (or /<version>): the verified version's checkpoint in
+    init/registry/<name>-v<version>/ (with its tokenizer), and what identifies it."""
+    import shutil
+
+    from tasks.core import tracking
+    from tasks.core.io import atomic_path
+
+    ref = init[len("models:/") :]
+    try:
+        version = tracking.resolve_version(ref)
+        local = tracking.download_verified(version)  # the integrity check, before anything is read
+    except tracking.TrackingError as exc:
+        raise StageError(f"{key}={init!r}: {exc}") from exc
+    checkpoints = [d for d in (local / "artifacts").iterdir() if (d / "config.json").is_file()]
+    if len(checkpoints) != 1:
+        raise StageError(f"{key}={init!r}: {version.name} v{version.version} holds no single checkpoint")
+    kind = json.loads((checkpoints[0] / "config.json").read_text()).get("kind", "causal_lm")
+    if kind != "causal_lm":  # before anything is written
+        raise StageError(f"{key}={init!r} is a {kind} model, not a causal language model to fine-tune")
+    folder = Path(INIT_DIR) / "registry" / f"{version.name}-v{version.version}"
+    with atomic_path(folder) as tmp:
+        shutil.copytree(checkpoints[0], tmp)
+        if not (tmp / "tokenizer.json").is_file():  # the pipeline's own tokenizer, carried along
+            shutil.copy2(local / "artifacts" / "tokenizer.json", tmp / "tokenizer.json")
+    tags = dict(version.tags or {})
+    ident = {
+        "registered_model": version.name,
+        "version": str(version.version),
+        "manifest_sha256": tags.get("manifest.sha256", ""),
+    }
+    origin = {k[len("init.") :]: v for k, v in tags.items() if k.startswith("init.")}
+    if origin:  # where the registered model's own line started (its register lineage tags)
+        ident["origin"] = origin
+    return folder, ident
+
+
+def open_registered(init: str, key: str, seq_len: int) -> OpenModel:
+    """A registered causal LM as the start, with the tokenizer it was trained with."""
+    from models.adapters import folder_sha256
+    from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config
+
+    folder, ident = registered_model(init, key)
+    try:
+        meta = read_checkpoint_config(folder)
+        tokenizer = carried_tokenizer(folder)
+        assert tokenizer is not None  # registered_model copies it
+        tokenizer.check_fingerprint(str(meta.get("tokenizer_fingerprint")), str(folder))
+        model, _ = load_checkpoint(folder, kind="causal_lm")
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        raise StageError(f"{key}={init!r}: {exc}") from exc
+    assert isinstance(model, Transformer)
+    check_vocab(tokenizer, model.config.vocab_size, key)
+    if seq_len > model.config.max_seq_len:
+        raise StageError(
+            f"{key}={init!r}: seq_len={seq_len} exceeds the model's context {model.config.max_seq_len}"
+        )
+    lineage = {
+        "source": init,
+        "folder": str(folder),
+        "sha256": folder_sha256(folder),
+        **ident,
+        "model_type": ident.get("origin", {}).get("model_type") or "pipeline",
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
+    log.info(
+        "%s: %s (%s v%s, %d parameters)",
+        key,
+        init,
+        ident["registered_model"],
+        ident["version"],
+        model.num_params(),
+    )
+    return OpenModel(model, tokenizer, folder, lineage, base_format="checkpoint")
+
+
 def open_model(init: str, key: str, seq_len: int) -> OpenModel | None:
     """The model and tokenizer `init` names, checked before any weight is read; None for `pipeline`."""
     from models.adapters import folder_sha256
     from models.hf import config_from_hf, import_hf, read_hf_config
 
+    if init.startswith("models:"):
+        return open_registered(init, key, seq_len)
     folder = resolve_init(init, key)
     if folder is None:
         return None
@@ -105,17 +192,17 @@ def tokenizer_files(folder: Path) -> dict[str, Path]:
 
 
 def tokenizer_files_of(tokenizer: Any) -> dict[str, Path] | None:
-    """An open model's tokenizer files, carried by every checkpoint trained with it; None for the
-    pipeline's own tokenizer (data/tokenizer/)."""
-    return tokenizer_files(tokenizer.path.parent) if isinstance(tokenizer, HFChatTokenizer) else None
+    """The tokenizer files every checkpoint trained with this tokenizer carries: an open model's (or the
+    copy a line started from a registered model carries); None for data/tokenizer/ itself."""
+    if Path(tokenizer.path).resolve() == paths.TOKENIZER_JSON.resolve():
+        return None
+    return tokenizer_files(Path(tokenizer.path).parent)
 
 
 def stage_tokenizer(name: str) -> ChatTokenizer:
     """The tokenizer data/checkpoints/<name>/ was trained with: the copy it carries when its line started
-    from an open model, else data/tokenizer/."""
-    if is_hf_tokenizer_dir(paths.checkpoint(name)):
-        return HFChatTokenizer.load(paths.checkpoint(name))
-    return ChatTokenizer.load(paths.TOKENIZER_JSON)
+    from an open or registered model, else data/tokenizer/."""
+    return carried_tokenizer(paths.checkpoint(name)) or ChatTokenizer.load(paths.TOKENIZER_JSON)
 
 
 def export_merged(checkpoint: Path, out_dir: Path) -> Path:
@@ -131,11 +218,7 @@ def export_merged(checkpoint: Path, out_dir: Path) -> Path:
         raise StageError(
             f"{checkpoint} holds a {meta['kind']} model; only a causal LM exports to Hugging Face"
         )
-    tokenizer: ChatTokenizer
-    if is_hf_tokenizer_dir(checkpoint):
-        tokenizer = HFChatTokenizer.load(checkpoint)
-    else:
-        tokenizer = ChatTokenizer.load(paths.TOKENIZER_JSON)
+    tokenizer = carried_tokenizer(checkpoint) or ChatTokenizer.load(paths.TOKENIZER_JSON)
     tokenizer.check_fingerprint(str(meta.get("tokenizer_fingerprint")), str(checkpoint))
     bos = tokenizer.bos_id if tokenizer.specials.bos else None
     return export_hf(

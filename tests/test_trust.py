@@ -182,6 +182,34 @@ def test_an_edited_integrity_tag_is_refused(chat_model, tmp_path, capsys, tag):
     assert not (tmp_path / "hf").exists()
 
 
+def test_bytecode_in_the_store_is_neither_refused_nor_run(chat_model, tmp_path, monkeypatch, capsys):
+    """Loading a version in place with byte-code on (MLflow loads a local store's files where they are)
+    writes __pycache__/pyfunc.*.pyc into the store: chat and export must still load the version (CI
+    failed on this), and a forged .pyc there, stamped to match pyfunc.py, must never run."""
+    import importlib.util
+    import sys
+    from importlib._bootstrap_external import _code_to_timestamp_pyc  # type: ignore[attr-defined]
+
+    import mlflow
+
+    root, name = chat_model
+    ref = register_again(root, name)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    mlflow.pyfunc.load_model(f"models:/{ref}")  # as a user's notebook or `mlflow models serve` would
+    store = stored_model_dir(ref)
+    pyc = Path(importlib.util.cache_from_source(str(store / "pyfunc.py")))
+    assert pyc.is_file(), "the in-place load wrote no byte-code: this test shows nothing"
+    assert main(["export", ref, str(tmp_path / "hf")]) == 0, capsys.readouterr().err
+
+    marker = tmp_path / "forged-bytecode-ran"
+    source = store / "pyfunc.py"
+    forged = compile(f"import os\nos.mkdir({str(marker)!r})\n", str(source), "exec")
+    stat = source.stat()  # the header Python checks before it trusts a .pyc: source mtime and size
+    pyc.write_bytes(_code_to_timestamp_pyc(forged, int(stat.st_mtime), stat.st_size))
+    assert main(["export", ref, str(tmp_path / "hf2")]) == 0, capsys.readouterr().err
+    assert not marker.exists(), "the forged byte-code ran"
+
+
 # ------------------------------------------------------------------------------------------ replay
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):

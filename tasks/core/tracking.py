@@ -448,6 +448,11 @@ def download_verified(version: Any) -> Path:
             artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(dst)
         )
     )
+    # Byte-code is never taken from the store: loading a version in place (mlflow.pyfunc.load_model on a
+    # local store, `mlflow models serve`) writes __pycache__ beside pyfunc.py, and a .pyc there would run
+    # instead of the checked source. The copy drops it; the load compiles the checked .py files.
+    for cache in sorted(local.rglob("__pycache__"), reverse=True):
+        shutil.rmtree(cache)
     try:
         manifest.verify(local, tags["manifest.sha256"], "tag manifest.sha256", tags=tags)
         mlmodel = yaml.safe_load((local / "MLmodel").read_text())

@@ -1,9 +1,10 @@
-"""The stages an open model makes unnecessary: with `sft.init` set to an open model (a folder under init/
-or hf:<org>/<name>@<revision>), the pipeline's own tokenizer, token shards and base model are not used, so
+"""The stages an open model makes unnecessary: with `sft.init` set to an open model (a folder under init/,
+hf:<org>/<name>@<revision> or a registered models:/<name>@<alias>), the pipeline's own tokenizer, token shards and base model are not used, so
 `tokenizer`, `encode` and `pretrain` write a marker instead of their work.
 
 They stay in the graph (dvc.yaml lists `sft.init` among their params): `dvc repro` and `pipeline run`
-need no other targets, each of the three takes about a second, DVC records them in dvc.lock and
+need no other targets, each of the three does no work (about 5 s in a tiny `pipeline run`, process start
+and MLflow run included), DVC records them in dvc.lock and
 `dvc status` stays clean. Setting `sft.init` back to `pipeline` changes that param, so DVC runs them again
 for real.
 

@@ -31,9 +31,12 @@ repro: setup
 	$(BIN)/dvc repro
 
 # In a shuffled order (pytest-randomly: modules, then the tests in each), the seed printed first and last;
-# `-p randomly` fails if the plugin is missing rather than silently running in file order.
+# `-p randomly` fails if the plugin is missing rather than silently running in file order. Two worker
+# processes (pytest-xdist), each test module whole on one of them (its module fixtures are built once):
+# most of the suite's time is stage subprocesses, servers and DVC waiting, not both cores at once.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/pytest -p randomly
+	$(BIN)/pytest -p randomly -p xdist -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/pytest -m "not e2e"

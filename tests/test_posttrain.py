@@ -598,3 +598,33 @@ def test_policy_and_reference_of_different_shapes_are_refused(in_workspace):
     )
     with pytest.raises(StageError, match="different shapes \\(n_layer: 2 vs 3\\)"):
         load_policy_and_reference("sft", "other", tok.fingerprint)
+
+
+def test_ppo_critic_reads_the_policy_features_without_moving_them():
+    """The value loss trains the value head only; logits and values equal PolicyWithValue's (same weights)."""
+    from models.heads import PolicyWithValue
+    from tasks.rlhf import PolicyWithCritic
+
+    config = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, d_model=32, max_seq_len=16)
+    torch.manual_seed(0)
+    critic = PolicyWithCritic(Transformer(config))
+    shared = PolicyWithValue(Transformer(config))
+    shared.load_state_dict(critic.state_dict())
+    tokens = torch.randint(0, 64, (2, 8))
+    (logits, values), (logits_shared, values_shared) = critic(tokens), shared(tokens)
+    assert torch.equal(logits, logits_shared) and torch.equal(values, values_shared)
+    values.pow(2).sum().backward()
+    assert critic.value_head.weight.grad is not None and critic.value_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in critic.transformer.parameters())
+
+
+def test_rlhf_held_out_prompts_do_not_depend_on_the_training_seed():
+    """A seed sweep of rlhf.train.seed holds out (and evaluate scores) the same prompts; split_seed moves them."""
+    lengths = [10] * 300 + [250] * 20  # the last 20 leave no room for a response
+    params = load_params(REPO / "params.yaml")
+    split = chat_data.rlhf_split(params.rlhf, lengths, 256)
+    params.rlhf.train.seed += 1
+    assert chat_data.rlhf_split(params.rlhf, lengths, 256) == split
+    params.rlhf.split_seed += 1
+    assert chat_data.rlhf_split(params.rlhf, lengths, 256)[1] != split[1]
+    assert len(split[1]) == 30 and max(split[0] + split[1]) < 300

@@ -97,3 +97,27 @@ def test_rollout_cache_round_trip_means_and_clear(tmp_path):
         StageError, match=r"rollout of step 2, but its cache .*rank0-step00000002.* is missing"
     ):
         cache.load(2)
+
+
+def test_ppo_log_probs_are_those_of_the_distribution_responses_are_sampled_from():
+    """rlhf computes old, new and reference log-probs from sampling_logits: at temperature 0.5 their
+    distribution is the one sample_responses draws from (4000 one-token draws), not the model's own."""
+    model = random_policy(5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # sharp logits, so temperature 0.5 and 1 differ clearly
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1]  # [V]
+    drawn = rollouts.sample_responses(
+        model,
+        [prompt],
+        rollouts.Sampling(max_new_tokens=1, temperature=0.5, top_k=None, stop=(), pad_id=-1),
+        seed=11,
+        n_per_prompt=4000,
+    )["tokens"][:, len(prompt)]
+    empirical = torch.bincount(drawn, minlength=logits.numel()).float() / drawn.numel()
+    at_temperature = torch.softmax(rollouts.sampling_logits(logits, 0.5), -1)
+    assert torch.allclose(at_temperature, torch.softmax(logits / 0.5, -1))
+    assert 0.5 * (empirical - at_temperature).abs().sum() < 0.05
+    assert 0.5 * (empirical - torch.softmax(logits, -1)).abs().sum() > 0.15
+    assert rollouts.sampling_logits(logits, 1.0) is logits and rollouts.sampling_logits(logits, 0.0) is logits

@@ -129,6 +129,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dpo.beta": POSITIVE,
     "dpo.loss_type": _one_of("sigmoid", "ipo"),
     "dpo.label_smoothing": (lambda v: _finite(v) and 0 <= v < 0.5, "in [0, 0.5)"),
+    "rlhf.split_seed": NON_NEGATIVE,
     "rlhf.rollout_batch_size": AT_LEAST_1,
     "rlhf.ppo_epochs": AT_LEAST_1,
     "rlhf.clip_range": POSITIVE,

@@ -235,6 +235,7 @@ class DPOConfig:
 class RLHFConfig:
     max_new_tokens: int = 32
     val_fraction: float = 0.1  # of the prompts that fit: held out for val/reward_mean and evaluate
+    split_seed: int = 1337  # which prompts are held out; not train.seed, so seeds are scored on the same ones
     rollout_batch_size: int = 8
     ppo_epochs: int = 2
     clip_range: float = 0.2

@@ -68,11 +68,12 @@ def rlhf_split(
 ) -> tuple[list[int], list[int]]:
     """The preference rows the rlhf stage samples rollouts from and those it holds out, given each row's
     chat prompt length: the prompts that leave rlhf.max_new_tokens for a response in max_seq_len, split
-    by rlhf.val_fraction and rlhf.train.seed. The stage and evaluate (which must not score a policy on
-    prompts it trained on) both call this, so the split has one definition."""
+    by rlhf.val_fraction and rlhf.split_seed (not rlhf.train.seed: runs of other seeds hold out the same
+    prompts). The stage and evaluate (which must not score a policy on prompts it trained on) both call
+    this, so the split has one definition."""
     room = max_seq_len - cfg.max_new_tokens
     fitting = [i for i, length in enumerate(prompt_lengths) if length <= room]
-    train, val = split(len(fitting), cfg.val_fraction, cfg.train.seed)
+    train, val = split(len(fitting), cfg.val_fraction, cfg.split_seed)
     return [fitting[j] for j in train], [fitting[j] for j in val]
 
 

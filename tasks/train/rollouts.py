@@ -188,6 +188,13 @@ class KLController:
         return self.value
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits of the distribution responses are sampled from: divided by the sampling temperature (top-k
+    truncation is not modelled). PPO's ratio, its KL to the reference and its entropy are about that
+    distribution; at temperature 1 (or 0, greedy) the logits are returned as they are."""
+    return logits if temperature <= 0 or temperature == 1 else logits.float() / temperature
+
+
 def policy_autocast(bf16: bool, device: torch.device) -> torch.autocast:
     """The precision the training loop computes the loss in (bf16 autocast on CPU): a rollout's log-probs
     computed under it match the loss's, so at the first epoch the new/old ratio is exactly 1."""

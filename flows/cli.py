@@ -279,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", default="default", help="the deployment is llm-pipeline/<NAME>")
             when = p.add_mutually_exclusive_group()
             when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (none: runs start from the UI)')
-            when.add_argument("--interval", type=float, help="schedule a run every INTERVAL seconds")
+            when.add_argument(
+                "--interval",
+                type=float,
+                help="schedule a run every INTERVAL seconds, the first INTERVAL seconds from now",
+            )
     command("stages", cmd_stages)
     p = command("ui", cmd_ui)
     p.add_argument("--host", default="127.0.0.1", help="interface both servers bind to (keep it loopback)")

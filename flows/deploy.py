@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,17 @@ def serve(
     retries: int = 1,
 ) -> None:
     """Create/update deployment `llm-pipeline/<name>` and serve its runs until interrupted."""
+    from prefect.schedules import Interval
+
     from flows.pipeline import pipeline
 
+    # An interval's first run is one interval from now, not now (Prefect anchors it at the current time):
+    # deploying must not start a training run; `prefect deployment run` starts one at once.
+    first = datetime.now(UTC) + timedelta(seconds=interval) if interval else None
     pipeline.serve(
         name=name,
         cron=cron,
-        interval=interval,
+        schedule=Interval(interval, anchor_date=first) if interval else None,
         parameters={"profile": profile, "overrides": overrides, "retries": retries},
         description="The LLM training pipeline (DVC stages run by Prefect); parameters resolve params.yaml.",
         tags=["llm-pipeline", profile],

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import mlflow
@@ -88,6 +88,8 @@ def test_deploy_with_an_interval_schedules_it_and_pauses_on_ctrl_c(prefect_harne
                     assert proc.poll() is None and time.time() < deadline, "deploy did not create it"
                     time.sleep(1)
             assert [s.schedule.interval for s in dep.schedules] == [timedelta(days=1)]
+            # the first run is a day away: deploying starts no training run (Prefect alone anchors at now)
+            assert dep.schedules[0].schedule.anchor_date > datetime.now(UTC) + timedelta(hours=23)
             assert dep.parameters == {"profile": "tiny", "overrides": [], "retries": 1}
             assert not dep.paused
             # Ctrl-C once the runner polls (status READY): before that, serve has not installed its handler

@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tasks.core import paths
 from tasks.core.config import Params
-from tasks.core.io import atomic_path, read_json, write_json
+from tasks.core.io import atomic_path, read_json, stream_parquet, write_json
 from tasks.core.skip import open_model_init, write_skipped
 from tasks.core.stage import StageError, stage_main
 from tasks.data.chat_tokenizer import ChatTokenizer
@@ -82,7 +81,7 @@ def encode_file(
     source: Path, tok: ChatTokenizer, out_dir: Path, seed: int, val_fraction: float
 ) -> dict[str, Any]:
     """Encode `source` (parquet with a text column) into out_dir/{train,val}.bin; returns the counts."""
-    pf = pq.ParquetFile(source)
+    pf = stream_parquet(source)
     plan = SplitPlan(pf.metadata.num_rows, seed, val_fraction)
     dtype = token_dtype(tok.vocab_size)
     bos, eos = tok.bos_id, tok.eos_id

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks.core import paths
 from tasks.core.config import Params, TokenizerConfig
-from tasks.core.io import atomic_path, atomic_write_text, sha256_file, write_json
+from tasks.core.io import atomic_path, atomic_write_text, sha256_file, stream_parquet, write_json
 from tasks.core.skip import open_model_init, write_skipped
 from tasks.core.stage import StageError, stage_main
 from tasks.data.chat_tokenizer import ChatTokenizer, SpecialTokens, write_tokenizer_config
@@ -60,7 +60,7 @@ def check_config(cfg: TokenizerConfig) -> None:
 
 def iter_text(path: Path, column: str = "text", batch_rows: int = BATCH_ROWS) -> Iterator[list[str]]:
     """Batches of non-null strings from one parquet column, without loading the file."""
-    pf = pq.ParquetFile(path)
+    pf = stream_parquet(path)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
         yield [t for t in batch.column(0).to_pylist() if t]
 

@@ -10,6 +10,7 @@ options out of range or a reward model with exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -17,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,11 +28,13 @@ import pytest
 import torch
 
 from flows.cli import main
+from flows.deploy import free_port
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.heads import ScalarHeadModel
 from models.llama import Transformer
 from tasks.core import tracking
 from tasks.core.stages import stage_graph, stage_order
+from tests.helpers.servers import stop_server
 from tests.test_serving import tiny_checkpoint, tiny_registered_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,45 +69,120 @@ def test_run_with_an_unknown_stage_is_a_config_error_before_anything_runs(
     assert not (tmp_path / "params.yaml").exists() and not (tmp_path / "data").exists()
 
 
-def test_deploy_with_an_interval_schedules_it_and_pauses_on_ctrl_c(prefect_harness, tmp_path):
+@contextlib.contextmanager
+def own_prefect_server(tmp: Path, env: dict[str, str]) -> Iterator[str]:
+    """`prefect server start` on a free loopback port with a database of its own; yields its API URL.
+    The deploy test runs against it rather than the session's harness server: in full suite runs (never
+    alone) its Ctrl-C wait timed out three times against the harness."""
+    port = free_port()
+    server_env = dict(
+        env,
+        PREFECT_HOME=str(tmp / "prefect-home"),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
+    )
+    server_env.pop("PREFECT_API_URL", None)
+    log = tmp / "prefect-server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+            ],
+            env=server_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_server(server)
+
+
+def signal_state(pid: int) -> str:
+    """The signal lines of /proc/<pid>/status (blocked, ignored, caught): what a Ctrl-C depends on."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "(gone)"
+    return " ".join(
+        line for line in lines if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))
+    )
+
+
+def test_deploy_with_an_interval_schedules_it_and_pauses_on_ctrl_c(tmp_path):
     from prefect import get_client
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     env = dict(
         os.environ,
-        PREFECT_API_URL=str(PREFECT_API_URL.value()),
         PYTHONPATH=str(REPO),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONFAULTHANDLER="1",  # a SIGABRT (sent below if it hangs) prints every thread's stack
     )
-    name = f"interval-{os.getpid()}"
-    cmd = [sys.executable, "-m", "flows.cli", "deploy", "--profile", "tiny", "--name", name]
-    proc = subprocess.Popen([*cmd, "--interval", "86400"], cwd=tmp_path, env=env, text=True)
-    try:
-        with get_client(sync_client=True) as prefect:
-            deadline = time.time() + 180
-            while True:
+    with own_prefect_server(tmp_path, env) as api_url:
+        env["PREFECT_API_URL"] = api_url
+        name = f"interval-{os.getpid()}"
+        cmd = [sys.executable, "-m", "flows.cli", "deploy", "--profile", "tiny", "--name", name]
+        log = tmp_path / "deploy.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [*cmd, "--interval", "86400"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect:
+                deadline = time.time() + 180
+                while True:
+                    try:
+                        dep = prefect.read_deployment_by_name(f"llm-pipeline/{name}")
+                        break
+                    except Exception:  # not created yet (ObjectNotFound)
+                        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                        time.sleep(1)
+                assert [s.schedule.interval for s in dep.schedules] == [timedelta(days=1)]
+                # the first run is a day away: deploying starts no training run (Prefect alone anchors at now)
+                assert dep.schedules[0].schedule.anchor_date > datetime.now(UTC) + timedelta(hours=23)
+                assert dep.parameters == {"profile": "tiny", "overrides": [], "retries": 1}
+                assert not dep.paused
+                # Ctrl-C once the runner polls (status READY): before that, serve has not installed its handler
+                while prefect.read_deployment(dep.id).status.value != "READY":
+                    assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.5)
+                proc.send_signal(signal.SIGINT)
                 try:
-                    dep = prefect.read_deployment_by_name(f"llm-pipeline/{name}")
-                    break
-                except Exception:  # not created yet (ObjectNotFound)
-                    assert proc.poll() is None and time.time() < deadline, "deploy did not create it"
-                    time.sleep(1)
-            assert [s.schedule.interval for s in dep.schedules] == [timedelta(days=1)]
-            # the first run is a day away: deploying starts no training run (Prefect alone anchors at now)
-            assert dep.schedules[0].schedule.anchor_date > datetime.now(UTC) + timedelta(hours=23)
-            assert dep.parameters == {"profile": "tiny", "overrides": [], "retries": 1}
-            assert not dep.paused
-            # Ctrl-C once the runner polls (status READY): before that, serve has not installed its handler
-            while prefect.read_deployment(dep.id).status.value != "READY":
-                assert proc.poll() is None and time.time() < deadline, "the runner never polled"
-                time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 0
-            assert prefect.read_deployment(dep.id).paused  # Ctrl-C pauses it: no runs pile up unserved
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+                    code = proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    state = signal_state(proc.pid)
+                    proc.send_signal(signal.SIGABRT)
+                    proc.wait(timeout=30)
+                    raise AssertionError(
+                        f"pipeline deploy did not stop on Ctrl-C; its signals: {state}\n{log.read_text()[-6000:]}"
+                    ) from None
+                assert code == 0, log.read_text()[-3000:]
+                assert prefect.read_deployment(dep.id).paused  # Ctrl-C pauses it: no runs pile up unserved
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     with pytest.raises(SystemExit) as refused:
         main(["deploy", "--cron", "0 3 * * *", "--interval", "60"])
     assert refused.value.code == 2

@@ -45,8 +45,8 @@ def serve(
 
     from flows.pipeline import pipeline
 
-    # An interval's first run is one interval from now, not now (Prefect anchors it at the current time):
-    # deploying must not start a training run; `prefect deployment run` starts one at once.
+    # The first run is one interval from now, stated rather than left to Prefect's default anchor (the
+    # deploy time); `prefect deployment run` starts one at once.
     first = datetime.now(UTC) + timedelta(seconds=interval) if interval else None
     pipeline.serve(
         name=name,

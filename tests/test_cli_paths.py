@@ -72,8 +72,7 @@ def test_run_with_an_unknown_stage_is_a_config_error_before_anything_runs(
 @contextlib.contextmanager
 def own_prefect_server(tmp: Path, env: dict[str, str]) -> Iterator[str]:
     """`prefect server start` on a free loopback port with a database of its own; yields its API URL.
-    The deploy test runs against it rather than the session's harness server: in full suite runs (never
-    alone) its Ctrl-C wait timed out three times against the harness."""
+    The deploy test's own, so that its deployment and Ctrl-C meet no other test's runs or load."""
     port = free_port()
     server_env = dict(
         env,
@@ -146,7 +145,15 @@ def test_deploy_with_an_interval_schedules_it_and_pauses_on_ctrl_c(tmp_path):
         log = tmp_path / "deploy.log"
         with log.open("w") as out:
             proc = subprocess.Popen(
-                [*cmd, "--interval", "86400"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+                [*cmd, "--interval", "86400"],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Ctrl-C as at a terminal: a suite started in the background (`make test &` from a script)
+                # ignores SIGINT, and a child inherits an ignored signal (seen: SigIgn had SIGINT, the
+                # deploy never saw the Ctrl-C)
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
         try:
             with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect:

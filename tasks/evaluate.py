@@ -15,14 +15,14 @@ the preference prompts in data/validated/preference.parquet. Writes:
     data/eval/report.html    the whole run on one page: each training stage's final metrics and key
                              curves (data/metrics/, data/plots/), this evaluation, sample answers
 
-data/eval changes as a whole or not at all (write_outputs): a kill or a failed write (a full disk) leaves
+data/eval changes as a whole or not at all (tasks/eval/outputs.py): a kill or a failed write (a full disk) leaves
 every previous file as it was.
 
 A model's summary entries are exactly its result["metrics"], so a new metric is added by putting it in
 that dict: the summary, table, chart and MLflow pick it up (tasks/eval/report.py).
 Evaluation runs in float32 (no autocast) so scores match the Hugging Face export to 1e-4.
 
-Each model is scored with its own tokenizer (model_tokenizers): the pipeline's data/tokenizer/, or, for a
+Each model is scored with its own tokenizer (tasks/eval/models.py): the pipeline's data/tokenizer/, or, for a
 line started from an open model (sft.init), the tokenizer and chat template its checkpoint carries. MMLU
 prepends a bos token only when that tokenizer has one; perplexity of a model with its own tokenizer is
 measured on the same held-out documents as data/tokens/val.bin (encode's split of
@@ -52,23 +52,25 @@ import torch
 from models.adapters import weights_sha256
 from tasks.core import paths, stages
 from tasks.core.config import EvaluateConfig, Params
-from tasks.core.io import atomic_path, atomic_write_bytes, atomic_write_text, kill_at, sha256_file, write_json
+from tasks.core.io import sha256_file
 from tasks.core.stage import StageError, stage_main
 from tasks.data import chat_data, verifiable
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.data.hf_chat import carried_tokenizer
 from tasks.eval import mmlu, mmlu_data, perplexity, tasks_accuracy, winrate
-from tasks.eval.report import (
-    comparison_markdown,
-    comparison_png,
-    register_scores,
-    summarize,
-    write_html_report,
+from tasks.eval.models import (
+    LM_MODELS,
+    available_models,
+    check_vocab,
+    heldout_documents,
+    load_lm,
+    model_tokenizers,
+    own_tokenizer,
 )
+from tasks.eval.outputs import write_outputs
+from tasks.eval.report import register_scores, summarize
 
 log = logging.getLogger(__name__)
 
-LM_MODELS = tuple(stages.language_models())  # in pipeline order; "reward" is not a language model
 MMLU_BATCH = 16
 PPL_BATCH = 8
 TASK_BATCH = 32
@@ -81,78 +83,6 @@ def fewshot_policy(cfg: EvaluateConfig) -> str:
         return mmlu.check_fewshot_policy(cfg.fewshot_policy)
     except ValueError as exc:
         raise StageError(f"evaluate.fewshot_policy: {exc}") from exc
-
-
-def available_models(root: Path = paths.CHECKPOINTS) -> list[str]:
-    return [name for name in LM_MODELS if (Path(root) / name / "config.json").is_file()]
-
-
-def model_tokenizers(names: Sequence[str]) -> dict[str, ChatTokenizer]:
-    """Each checkpoint's own tokenizer: the copy it carries (a line started from an open model), else
-    data/tokenizer/ (loaded once, only when a checkpoint needs it)."""
-    out: dict[str, ChatTokenizer] = {}
-    pipeline: ChatTokenizer | None = None
-    for name in names:
-        path = paths.checkpoint(name)
-        try:
-            carried = carried_tokenizer(path)
-            if carried is not None:
-                out[name] = carried
-                continue
-            pipeline = pipeline or ChatTokenizer.load(paths.TOKENIZER_JSON)
-        except (OSError, ValueError) as exc:
-            raise StageError(f"{path}: cannot load the tokenizer it was trained with: {exc}") from exc
-        out[name] = pipeline
-    return out
-
-
-def own_tokenizer(tokenizer: ChatTokenizer) -> bool:
-    """A tokenizer other than data/tokenizer/ (whose token shards data/tokens/ holds)."""
-    return Path(tokenizer.path).resolve() != paths.TOKENIZER_JSON.resolve()
-
-
-def heldout_documents(params: Params) -> list[str]:
-    """The held-out pretrain documents (encode's val split of data/validated/pretrain.parquet), the text
-    perplexity is measured on for a model with its own tokenizer."""
-    import pyarrow.parquet as pq
-
-    from tasks.data.shards import split_assignment
-
-    source = paths.validated("pretrain")
-    if not source.is_file():
-        raise StageError(f"{source} not found: perplexity needs the held-out pretrain text (run validate)")
-    texts = pq.read_table(source, columns=["text"]).column(0).to_pylist()
-    is_val = split_assignment(len(texts), params.encode.seed, params.encode.val_fraction)
-    return [t for t, v in zip(texts, is_val.tolist(), strict=True) if v and t]
-
-
-def check_vocab(model_vocab: int, tokenizer: ChatTokenizer, where: str) -> None:
-    """A model whose embedding is smaller than the tokenizer would index out of range (or, worse, be
-    scored with another tokenizer's ids)."""
-    if model_vocab < tokenizer.vocab_size:
-        raise StageError(
-            f"{where}: model vocab_size {model_vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
-            f"({tokenizer.path}); the checkpoint was trained with another tokenizer: re-run the pipeline"
-        )
-
-
-def load_lm(path: Path, tokenizer: ChatTokenizer) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The causal LM in a checkpoint (the policy of a policy+value checkpoint), in float32 eval mode."""
-    from models.checkpoint import load_checkpoint
-
-    model: Any
-    model, meta = load_checkpoint(path)
-    if meta.get("kind") == "scalar_head":
-        raise StageError(f"{path} is a reward (scalar head) checkpoint, not a language model")
-    if meta.get("kind") == "policy_value":
-        model = model.transformer  # PPO's value head is training machinery; the policy is the model
-    check_vocab(model.config.vocab_size, tokenizer, str(path))
-    expected = meta.get("tokenizer_fingerprint")
-    if expected:
-        tokenizer.check_fingerprint(expected, str(path))
-    else:
-        log.warning("%s records no tokenizer fingerprint; assuming %s", path, tokenizer.path)
-    return model.float().eval(), meta
 
 
 def evaluate_model(
@@ -398,59 +328,6 @@ def setup_winrate(
 def task_problems(cfg: EvaluateConfig) -> list[verifiable.Problem]:
     """The held-out verifiable problems every model answers (none when evaluate.task_problems is 0)."""
     return verifiable.heldout_problems(cfg.task_families, cfg.task_problems) if cfg.task_problems > 0 else []
-
-
-def task_samples_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """A few held-out task answers per model: prompt, answer, expected, correct."""
-    lines = ["| model | prompt | answer | expected | correct |", "|---|---|---|---|---|"]
-    for name, res in results.items():
-        for s in res.get("tasks", {}).get("samples", []):
-            cells = [name, s["prompt"], repr(s["answer"]), s["expected"], "yes" if s["correct"] else "no"]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(
-    results: dict[str, dict[str, Any]], summary: dict[str, float], header: str, samples: bool
-) -> None:
-    """data/eval (<model>.json, summary.json, comparison.md/png, report.html, task_samples.md) and
-    data/metrics/evaluate.json (outside the data/eval out, for `dvc metrics show`), all or nothing.
-
-    The directory is built in a staging directory beside it (data/.eval.tmp-<pid>) and swapped in at once,
-    the metrics file is staged beside its own and renamed after the swap (tasks/core/io.py atomic_path).
-    A kill or a failed write (a full disk) before the swap leaves every previous file as it was, and the
-    next run clears the staging leftovers; a kill between the swap and the rename leaves the previous
-    metrics file beside the new data/eval until the stage runs again (DVC reports it changed meanwhile).
-    """
-    metrics = paths.METRICS / "evaluate.json"
-    staged: dict[Path, Path] = {}
-    committing = False
-    try:
-        with atomic_path(metrics) as metrics_tmp, atomic_path(paths.EVAL) as tmp:
-            staged = {tmp: paths.EVAL, metrics_tmp: metrics}
-            tmp.mkdir()
-            for name, res in results.items():
-                write_json(tmp / f"{name}.json", res)
-            write_json(tmp / "summary.json", summary)
-            atomic_write_text(tmp / "comparison.md", comparison_markdown(results, header))
-            atomic_write_bytes(tmp / "comparison.png", comparison_png(results))
-            write_html_report(results, header, tmp / "report.html")  # the whole run on one page
-            if samples:
-                atomic_write_text(tmp / "task_samples.md", task_samples_markdown(results))
-            write_json(metrics_tmp, summary)
-            kill_at("evaluate-staged")
-            committing = True
-    except OSError as exc:
-        where = Path(exc.filename) if exc.filename else paths.EVAL
-        for tmp_path, target in staged.items():  # name the output, not its staging path
-            if where == tmp_path or tmp_path in where.parents:
-                where = target / where.relative_to(tmp_path)
-        kept = (
-            f"{metrics} may still hold the previous run's summary: run the stage again"
-            if committing
-            else f"{paths.EVAL} and {metrics} keep the previous run's files"
-        )
-        raise StageError(f"cannot write {where}: {exc.strerror or exc}; {kept}") from exc
 
 
 def run(params: Params, tracker: Any) -> dict[str, float]:

@@ -459,6 +459,7 @@ def test_a_failure_while_writing_leaves_every_previous_eval_file(bpe, tmp_path, 
     and data/metrics/evaluate.json byte for byte, leaves no staging directory, and the next run completes."""
     from tasks import evaluate
     from tasks.core.config import resolve_params
+    from tasks.eval import outputs
 
     eval_project(tmp_path, bpe)
     monkeypatch.chdir(tmp_path)
@@ -469,7 +470,7 @@ def test_a_failure_while_writing_leaves_every_previous_eval_file(bpe, tmp_path, 
         raise RuntimeError("the chart failed")
 
     with monkeypatch.context() as patched:
-        patched.setattr(evaluate, "comparison_png", broken_chart)
+        patched.setattr(outputs, "comparison_png", broken_chart)
         with pytest.raises(RuntimeError, match="the chart failed"):
             evaluate.run(params, None)
     assert tree_hashes(tmp_path / "data") == before

@@ -54,7 +54,7 @@ def register(root: Path, layers: int, d_model: int) -> str:
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.llama import Transformer
-    from tasks.core import tracking
+    from tasks.core import registry, tracking
     from tasks.data.chat_tokenizer import ChatTokenizer
     from tests.helpers.workspace import make_workspace
 
@@ -70,7 +70,7 @@ def register(root: Path, layers: int, d_model: int) -> str:
         model.embed.weight[: tok.end_id + 1] = 0  # specials never win the argmax: full-length answers
     save_checkpoint(root / "ckpt", model, config, {"tokenizer_fingerprint": tok.fingerprint})
     with tracking.stage_run("bench-serving"):
-        info = tracking.log_chat_model("chat", "bench-serving", root / "ckpt", tokenizer_json)
+        info = registry.log_chat_model("chat", "bench-serving", root / "ckpt", tokenizer_json)
     return f"models:/bench-serving/{info.registered_model_version}"
 
 

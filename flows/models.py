@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import yaml
 
-from tasks.core import tracking
+from tasks.core import registry, tracking
 from tasks.core.config import REPO_ROOT
 
 
@@ -33,9 +33,9 @@ def chat(
     """An interactive terminal chat; the reply streams token by token. /reset clears, /exit or Ctrl-D quits."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    model, version = tracking.load_registered(ref)
+    model, version = registry.load_registered(ref)
     if model.meta.get("kind") == "scalar_head":
-        raise tracking.ModelRefError(f"{ref} is a reward model: it scores conversations, it does not chat")
+        raise registry.ModelRefError(f"{ref} is a reward model: it scores conversations, it does not chat")
     model._generation(params)  # a bad max_new_tokens / temperature fails now, not at the first message
     print(
         f"chatting with {version.name} v{version.version} ({ref}); /reset clears the history, "
@@ -155,9 +155,9 @@ def export(ref: str, out_dir: Path, force: bool = False) -> Path:
     from models.hf import export_hf
 
     out_dir = check_export_dir(out_dir, force)
-    model, version = tracking.load_registered(ref)
+    model, version = registry.load_registered(ref)
     if model.meta.get("kind") == "scalar_head":
-        raise tracking.ModelRefError(f"{ref} is a reward model; only causal LMs export as a Llama checkpoint")
+        raise registry.ModelRefError(f"{ref} is a reward model; only causal LMs export as a Llama checkpoint")
     tok = model.tokenizer
     export_hf(
         model.model,
@@ -286,7 +286,7 @@ def replay(ref: str, workdir: Path | None = None, keep: bool = False, trusted_re
     from flows.pipeline import stage_env
     from models.checkpoint import load_checkpoint, state_dict_hash
 
-    version = tracking.resolve_version(ref)
+    version = registry.resolve_version(ref)
     tags = dict(version.tags)
     name = version.name.rsplit("-", 1)[-1]
     top = _git(Path.cwd(), "rev-parse", "--show-toplevel")

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from tasks.core import paths, skip, stages, tracking
+from tasks.core import paths, registry, skip, stages, tracking
 from tasks.core.config import Params, RegisterConfig
 from tasks.core.io import read_json, write_json
 from tasks.core.stage import StageError, stage_main
@@ -151,17 +151,17 @@ def promote(registered: str, version: str, scores: dict[str, float], cfg: Regist
 
     The decision and the figures it was made on go on the version as `champion.decision`.
     """
-    champion = tracking.version_by_alias(registered, "champion")
+    champion = registry.version_by_alias(registered, "champion")
     ok, reason = gate(scores, scores_from_tags(champion.tags) if champion else None, cfg)
     if champion is not None:
         reason = f"vs champion v{champion.version}: {reason}"
     decision = ("promoted: " if ok else "kept previous champion: ") + reason
-    tracking.tag_version(
+    registry.tag_version(
         registered, version, {**{f"eval.{k}": v for k, v in scores.items()}, "champion.decision": decision}
     )
-    tracking.set_alias(registered, "candidate", version)
+    registry.set_alias(registered, "candidate", version)
     if ok:
-        tracking.set_alias(registered, "champion", version)
+        registry.set_alias(registered, "champion", version)
     return ok, decision
 
 
@@ -202,8 +202,8 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
     # a model that carries its own (open model's) tokenizer is registered with it
     tokenizer = ckpt / "tokenizer.json" if (ckpt / "tokenizer.json").exists() else paths.TOKENIZER_JSON
     with merged_checkpoint(ckpt, model, meta) as logged:
-        tracking.log_chat_model(name, registered, logged, tokenizer)
-    version = tracking.latest_version(registered, tracker.run_id)
+        registry.log_chat_model(name, registered, logged, tokenizer)
+    version = registry.latest_version(registered, tracker.run_id)
     stage = stages.model_stage(name).stage
     section = getattr(params, stage)
     stage_params = {stage: dataclasses.asdict(section)}
@@ -226,12 +226,12 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
     protocol = paths.EVAL / f"{name}.json"
     if protocol.exists():
         tags["protocol"] = json.dumps(read_json(protocol).get("protocol", {}), sort_keys=True)
-    tracking.tag_version(registered, version.version, tags)
+    registry.tag_version(registered, version.version, tags)
     promoted, decision = promote(registered, version.version, eval_scores(name), cfg)
     log.info("%s v%s: %s", registered, version.version, decision)
     # The model card, from what the version now records (tags, scores, decision): its description, and
     # the README.md of `pipeline export`.
-    stored = tracking.resolve_version(f"{registered}/{version.version}")
+    stored = registry.resolve_version(f"{registered}/{version.version}")
     card = model_card(
         registered,
         version.version,
@@ -241,7 +241,7 @@ def register_one(name: str, params: Params, tracker: Any, params_sha256: str = "
         tracking.redact_tree(dataclasses.asdict(params.ingest)),
         sum(p.numel() for p in model.parameters()),
     )
-    tracking.describe_version(registered, version.version, card)
+    registry.describe_version(registered, version.version, card)
     return {"name": registered, "version": int(version.version), "champion": promoted, "decision": decision}
 
 

@@ -100,7 +100,7 @@ def test_a_reward_model_card_says_it_scores_and_was_not_evaluated():
 def test_export_writes_the_version_card_as_readme(tmp_path, capsys):
     from flows.models import export
     from models.checkpoint import load_checkpoint
-    from tasks.core import tracking
+    from tasks.core import registry
     from tests.test_serving import tiny_registered_model
 
     ref = tiny_registered_model(tmp_path, name="card-chat").removeprefix("models:/")
@@ -116,6 +116,6 @@ def test_export_writes_the_version_card_as_readme(tmp_path, capsys):
     assert "README.md" in json.loads((out / ".pipeline-export.json").read_text())["files"]
     # with a card as its description (what register writes): README.md is that text, after the metadata
     card = "# card-chat v1\n\nA card written at registration.\n"
-    tracking.describe_version(name, number, card)
+    registry.describe_version(name, number, card)
     out = export(ref, tmp_path / "carded")
     assert Path(out / "README.md").read_text() == front_matter("", "causal_lm") + card

@@ -32,7 +32,7 @@ from flows.deploy import free_port
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.heads import ScalarHeadModel
 from models.llama import Transformer
-from tasks.core import tracking
+from tasks.core import registry, tracking
 from tasks.core.stages import stage_graph, stage_order
 from tests.helpers.servers import stop_server
 from tests.test_serving import tiny_checkpoint, tiny_registered_model
@@ -271,7 +271,7 @@ def test_chat_refuses_a_reward_model_with_exit_2(tmp_path, monkeypatch, capsys):
     fingerprint = {"tokenizer_fingerprint": meta["tokenizer_fingerprint"]}
     save_checkpoint(ckpt, ScalarHeadModel(Transformer(lm.config)), lm.config, fingerprint)
     with tracking.stage_run("cli-paths"):
-        info = tracking.log_chat_model(
+        info = registry.log_chat_model(
             "reward", "cli-paths-reward", ckpt, tmp_path / "data/tokenizer/tokenizer.json"
         )
     monkeypatch.chdir(tmp_path)

@@ -109,10 +109,10 @@ def test_open_model_line_runs_without_pretraining_and_registers_its_source(
     assert not client.search_model_versions("name='pipeline-base'")
 
     # the registered sft serves with the model's own chat template (through the integrity checks)
-    from tasks.core import tracking
+    from tasks.core import registry
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{line / 'mlflow.db'}")
-    model, _ = tracking.load_registered("pipeline-sft/1")
+    model, _ = registry.load_registered("pipeline-sft/1")
     assert isinstance(model.tokenizer, HFChatTokenizer)
     assert model.tokenizer.fingerprint == tokenizer.fingerprint
     chat = [{"role": "user", "content": "What does json.dumps do?"}]

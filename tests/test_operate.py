@@ -387,9 +387,9 @@ def test_mlflow_models_serve_answers_chat_over_http(runs, project, env):
 
 
 def test_chat_streams_in_a_pseudo_terminal(runs, project, env, clients):
-    from tasks.core import tracking
+    from tasks.core import registry
 
-    model, _ = tracking.load_registered("pipeline-sft@champion")
+    model, _ = registry.load_registered("pipeline-sft@champion")
     question = "What does json.dumps do?"
     params = {"max_new_tokens": 24, "temperature": 0.0}
     expected = model.predict(None, {"messages": [{"role": "user", "content": question}]}, params)[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks import register
-from tasks.core import paths, stages, tracking
+from tasks.core import paths, registry, stages, tracking
 from tasks.core.config import RegisterConfig, dump_params, resolve_params
 from tasks.core.stage import StageError
 from tests.test_serving import tiny_checkpoint
@@ -85,7 +85,7 @@ def test_a_version_registered_without_dvc_lock_says_so(registered):
     assert version.tags["lineage.dvc_lock"] == "missing"
     assert not [k for k in version.tags if k.startswith("dvc.")]
     assert version.tags["champion.decision"] == "promoted: no champion yet"
-    assert str(tracking.version_by_alias(version.name, "champion").version) == "1"
+    assert str(registry.version_by_alias(version.name, "champion").version) == "1"
     assert {k: float(version.tags[f"eval.{k}"]) for k in CHAMPION} == CHAMPION
 
 
@@ -122,8 +122,8 @@ def test_promote_moves_candidate_always_and_champion_only_through_the_gate(
     assert decision.startswith(
         ("promoted: " if promoted else "kept previous champion: ") + f"vs champion v{first}"
     )
-    assert str(tracking.version_by_alias(name, "candidate").version) == second
-    assert str(tracking.version_by_alias(name, "champion").version) == (second if promoted else first)
+    assert str(registry.version_by_alias(name, "candidate").version) == second
+    assert str(registry.version_by_alias(name, "champion").version) == (second if promoted else first)
     tags = client.get_model_version(name, second).tags
     assert tags["champion.decision"] == decision
     assert register.scores_from_tags(tags) == scores

@@ -63,11 +63,11 @@ def tiny_checkpoint(root: Path) -> Path:
 
 def tiny_registered_model(root: Path, name: str = MODEL) -> str:
     """Log a tiny random chat model through tasks.tracking; the models:/ URI of its registered version."""
-    from tasks.core import tracking
+    from tasks.core import registry, tracking
 
     ckpt = tiny_checkpoint(root)
     with tracking.stage_run("serving-test"):
-        info = tracking.log_chat_model("chat", name, ckpt, root / "data/tokenizer/tokenizer.json")
+        info = registry.log_chat_model("chat", name, ckpt, root / "data/tokenizer/tokenizer.json")
     return f"models:/{name}/{info.registered_model_version}"
 
 

@@ -21,7 +21,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import ModelConfig
 from models.heads import ScalarHeadModel
 from models.llama import Transformer
-from tasks.core import tracking
+from tasks.core import registry, tracking
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tests.helpers.workspace import make_workspace
 from tests.test_serving import tiny_registered_model
@@ -70,7 +70,7 @@ def log_checkpoint(root: Path, model: torch.nn.Module, fingerprint: str | None =
     ckpt = save_checkpoint(root / "ckpt", model, CONFIG, meta)
     name = f"serving-paths-{root.name}"
     with tracking.stage_run("serving-paths"):
-        info = tracking.log_chat_model("model", name, ckpt, tok_json)
+        info = registry.log_chat_model("model", name, ckpt, tok_json)
     return f"models:/{name}/{info.registered_model_version}"
 
 

@@ -42,10 +42,10 @@ def chat_model(tmp_path_factory):
 
 def register_again(root: Path, name: str) -> str:
     """A new version of the same tiny model (each tampering test spoils its own); returns `name/N`."""
-    from tasks.core import tracking
+    from tasks.core import registry, tracking
 
     with tracking.stage_run("trust-test"):
-        info = tracking.log_chat_model("chat", name, root / "ckpt", root / "data/tokenizer/tokenizer.json")
+        info = registry.log_chat_model("chat", name, root / "ckpt", root / "data/tokenizer/tokenizer.json")
     return f"{name}/{info.registered_model_version}"
 
 
@@ -261,10 +261,10 @@ def worktrees(repo: Path) -> list[str]:
 
 def test_replay_checks_the_lineage_and_prints_its_plan_before_running(lineage, monkeypatch, capsys):
     from flows.models import verify_lineage
-    from tasks.core import tracking
+    from tasks.core import registry
 
     repo = lineage["repo"]
-    plan = verify_lineage(tracking.resolve_version(lineage["ref"]), repo, "HEAD", repo.parent / "check")
+    plan = verify_lineage(registry.resolve_version(lineage["ref"]), repo, "HEAD", repo.parent / "check")
     assert plan.commit == lineage["head"] and plan.stage == "sft"
     assert plan.params_file.read_bytes() == (repo / "params.yaml").read_bytes()
     with pytest.raises(ReplayError, match="is not in the history of HEAD"):  # another trusted ref: its own
@@ -286,9 +286,9 @@ def test_replay_checks_the_lineage_and_prints_its_plan_before_running(lineage, m
 
 def version_with(lineage: dict, tag: str, value: str):
     """The registered version as MLflow returns it, with one tag replaced in memory only."""
-    from tasks.core import tracking
+    from tasks.core import registry
 
-    version = tracking.resolve_version(lineage["ref"])
+    version = registry.resolve_version(lineage["ref"])
     version.tags[tag] = value
     return version
 

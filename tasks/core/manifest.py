@@ -1,6 +1,6 @@
 """The integrity manifest of a logged model: the sha256 of every file that runs or is loaded.
 
-At registration (tasks/core/tracking.py `log_chat_model`) the serving code (`pyfunc.py` and the `code/`
+At registration (tasks/core/registry.py `log_chat_model`) the serving code (`pyfunc.py` and the `code/`
 tree), the checkpoint files and tokenizer.json are hashed into `artifacts/manifest.json`, a file of the
 logged model. The manifest's own sha256 goes into the model's config (MLmodel `model_config`, which the
 pyfunc sees when it loads) and, with the code, weights and tokenizer hashes, onto the registered version

@@ -13,7 +13,7 @@ lineage it returns (source, folder content sha256, model_type) goes into the che
 Every checkpoint of that line carries the model's tokenizer files; `stage_tokenizer` finds them.
 
 `models:/<name>@<alias>` starts from a version of the project's MLflow registry: resolved to its version
-number, downloaded and checked against its integrity manifest and tags (tasks/core/tracking.py
+number, downloaded and checked against its integrity manifest and tags (tasks/core/registry.py
 download_verified) before anything in it is read, and its checkpoint (merged, with the tokenizer it was
 trained with) copied into init/registry/<name>-v<version>/, where LoRA adapters trained on it find their
 base. DVC does not see the registry: when the alias moves, `dvc repro --force sft` (or pin a version).
@@ -81,13 +81,13 @@ def registered_model(init: str, key: str) -> tuple[Path, dict[str, Any]]:
     init/registry/<name>-v<version>/ (with its tokenizer), and what identifies it."""
     import shutil
 
-    from tasks.core import tracking
+    from tasks.core import registry, tracking
     from tasks.core.io import atomic_path
 
     ref = init[len("models:/") :]
     try:
-        version = tracking.resolve_version(ref)
-        local = tracking.download_verified(version)  # the integrity check, before anything is read
+        version = registry.resolve_version(ref)
+        local = registry.download_verified(version)  # the integrity check, before anything is read
     except tracking.TrackingError as exc:
         raise StageError(f"{key}={init!r}: {exc}") from exc
     checkpoints = [d for d in (local / "artifacts").iterdir() if (d / "config.json").is_file()]

@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import (
-    ConfigError,
-    Params,
-    build,
-    dump_params,
-    list_profiles,
-    load_params,
-    parse_override,
-    resolve_params,
-)
+from tasks.core.config import ConfigError, Params, dump_params, list_profiles, load_params, resolve_params
+from tasks.core.strict import build, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 

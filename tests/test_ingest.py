@@ -238,7 +238,8 @@ HUGE_LINE = """
 import json, sys
 import datasets  # imported before the baseline: its import is not the cost of the line
 from tasks import ingest
-from tasks.core.config import Params, build
+from tasks.core.config import Params
+from tasks.core.strict import build
 
 def rss_mb(key):
     for line in open("/proc/self/status"):

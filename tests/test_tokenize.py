@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import encode, ingest, tokenizer
-from tasks.core.config import Params, build
+from tasks.core.config import Params
 from tasks.core.stage import StageError
+from tasks.core.strict import build
 from tasks.data import shards
 from tasks.data.chat_tokenizer import ChatTokenizer, TokenizerMismatch
 from tasks.data.shards import check_tokens, load_shard, token_dtype
@@ -206,7 +207,8 @@ DETERMINISM = """
 import json, shutil, sys
 from pathlib import Path
 from tasks import encode, ingest, tokenizer
-from tasks.core.config import Params, build
+from tasks.core.config import Params
+from tasks.core.strict import build
 params = build(Params, json.loads(sys.argv[1]))
 ingest.run(params, None)
 shutil.copytree("data/raw", "data/validated")  # validate copies these bytes (tested above); GX skipped here

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core import paths
-from tasks.core.config import ConfigError, Params, SourceConfig, TrainConfig, show
+from tasks.core.config import ConfigError, Params, SourceConfig, TrainConfig
+from tasks.core.strict import show
 
 # ------------------------------------------------------------------------------ derived source paths
 EMBEDDED_WATCH = "tasks/data/embedded.py"  # the embedded corpus is made by this module

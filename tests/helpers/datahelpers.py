@@ -6,7 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks.core.config import Params, build
+from tasks.core.config import Params
+from tasks.core.strict import build
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_INGEST = {"max_documents": 60, "max_sft_examples": 20, "max_preference_pairs": 20}

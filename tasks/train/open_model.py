@@ -113,9 +113,28 @@ def registered_model(init: str, key: str) -> tuple[Path, dict[str, Any]]:
     return folder, ident
 
 
+def check_context(init: str, key: str, seq_len: int, max_seq_len: int) -> None:
+    """The stage's seq_len must fit the model's context, before any training step."""
+    if seq_len > max_seq_len:
+        raise StageError(f"{key}={init!r}: seq_len={seq_len} exceeds the model's context {max_seq_len}")
+
+
+def base_lineage(init: str, folder: Path, tokenizer: ChatTokenizer, model_type: Any) -> dict[str, Any]:
+    """What identifies the start: the init string, its local folder and content hash, its model type and
+    the tokenizer's fingerprint (config.json `init`, register's init.* tags)."""
+    from models.adapters import folder_sha256
+
+    return {
+        "source": init,
+        "folder": str(folder),
+        "sha256": folder_sha256(folder),
+        "model_type": model_type,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
+
+
 def open_registered(init: str, key: str, seq_len: int) -> OpenModel:
     """A registered causal LM as the start, with the tokenizer it was trained with."""
-    from models.adapters import folder_sha256
     from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config
 
     folder, ident = registered_model(init, key)
@@ -129,18 +148,9 @@ def open_registered(init: str, key: str, seq_len: int) -> OpenModel:
         raise StageError(f"{key}={init!r}: {exc}") from exc
     assert isinstance(model, Transformer)
     check_vocab(tokenizer, model.config.vocab_size, key)
-    if seq_len > model.config.max_seq_len:
-        raise StageError(
-            f"{key}={init!r}: seq_len={seq_len} exceeds the model's context {model.config.max_seq_len}"
-        )
-    lineage = {
-        "source": init,
-        "folder": str(folder),
-        "sha256": folder_sha256(folder),
-        **ident,
-        "model_type": ident.get("origin", {}).get("model_type") or "pipeline",
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-    }
+    check_context(init, key, seq_len, model.config.max_seq_len)
+    model_type = ident.get("origin", {}).get("model_type") or "pipeline"
+    lineage = {**base_lineage(init, folder, tokenizer, model_type), **ident, "model_type": model_type}
     log.info(
         "%s: %s (%s v%s, %d parameters)",
         key,
@@ -154,7 +164,6 @@ def open_registered(init: str, key: str, seq_len: int) -> OpenModel:
 
 def open_model(init: str, key: str, seq_len: int) -> OpenModel | None:
     """The model and tokenizer `init` names, checked before any weight is read; None for `pipeline`."""
-    from models.adapters import folder_sha256
     from models.hf import config_from_hf, import_hf, read_hf_config
 
     if init.startswith("models:"):
@@ -169,17 +178,8 @@ def open_model(init: str, key: str, seq_len: int) -> OpenModel | None:
         check_vocab(tokenizer, config.vocab_size, key)
     except (ValueError, FileNotFoundError) as exc:
         raise StageError(f"{key}={init!r}: {exc}") from exc
-    if seq_len > config.max_seq_len:
-        raise StageError(
-            f"{key}={init!r}: seq_len={seq_len} exceeds the model's context {config.max_seq_len}"
-        )
-    lineage = {
-        "source": init,
-        "folder": str(folder),
-        "sha256": folder_sha256(folder),
-        "model_type": raw.get("model_type"),
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-    }
+    check_context(init, key, seq_len, config.max_seq_len)
+    lineage = base_lineage(init, folder, tokenizer, raw.get("model_type"))
     model = import_hf(folder)
     log.info("%s: %s (%s, %d parameters)", key, init, raw.get("model_type"), model.num_params())
     return OpenModel(model, tokenizer, folder, lineage)

@@ -354,7 +354,11 @@ def test_bad_init_and_lora_settings_name_the_key(override: str, message: str) ->
     [
         ("big-tokenizer", [], "has 300 tokens but the model's embedding has 96 rows"),
         ("missing", ["sft.init=init/absent"], "sft.init='init/absent': no such folder"),
-        ("long-context", ["model.max_seq_len=256", "sft.seq_len=256"], "seq_len=256 exceeds the model's context 128"),
+        (
+            "long-context",
+            ["model.max_seq_len=256", "sft.seq_len=256"],
+            "seq_len=256 exceeds the model's context 128",
+        ),
         ("sliding-window", [], "sliding_window=16 < max_position_embeddings"),
         ("no-template", [], "has no chat template"),
         ("not-causal-lm", [], "not a causal language model"),

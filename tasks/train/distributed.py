@@ -14,6 +14,7 @@ from torch import nn
 
 from tasks.core.config import TrainConfig
 from tasks.core.launch import GROUP_OF_ONE, check_train_config, launched
+from tasks.core.stage import StageError
 
 
 def _free_port() -> int:
@@ -77,6 +78,30 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def agree_across_ranks(decision: dict[str, Any], what: str) -> dict[str, int]:
+    """Check every rank took the same `decision` (read from its own disk) and return the layout:
+    {"dist.world_size": processes, "dist.nodes": launcher groups (ranks with LOCAL_RANK 0)}.
+
+    Each node reads data/ from its own file system; on nodes without a shared one, rank 0 would resume
+    from a state that rank 1 never sees, and the ranks would train different steps until a collective
+    hangs. A StageError names what each rank saw instead. Every rank must call this.
+    """
+    local = {"rank": int(os.environ.get("RANK", "0")), "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+    if world_size() == 1:
+        return {"dist.world_size": 1, "dist.nodes": 1}
+    import torch.distributed as dist
+
+    seen: list[Any] = [None] * world_size()
+    dist.all_gather_object(seen, {**local, "host": socket.gethostname(), "decision": decision})
+    if any(s["decision"] != seen[0]["decision"] for s in seen):
+        views = "; ".join(f"rank {s['rank']} on {s['host']}: {s['decision']}" for s in seen)
+        raise StageError(
+            f"the ranks disagree about {what} ({views}): every node must see the same data/ "
+            "(a shared file system, or the same files on each node before the run)"
+        )
+    return {"dist.world_size": world_size(), "dist.nodes": sum(s["local_rank"] == 0 for s in seen)}
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

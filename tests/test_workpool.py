@@ -90,6 +90,7 @@ def test_a_worker_of_a_process_pool_runs_a_deployment_started_through_the_api(tm
         deployment = api(f"{api_url}/deployments/name/llm-pipeline/nightly")
         assert deployment["work_pool_name"] == pool
         assert deployment["parameters"] == {"profile": "tiny", "overrides": [], "retries": 1}
+        assert deployment["global_concurrency_limit"]["limit"] == 1, "runs share the working tree"
         assert deployment["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(project.resolve())}}
         ]

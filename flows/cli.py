@@ -72,6 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.lock import command_line, project_lock
 
     _resolve(args)
+    if not 1 <= args.parallel <= 8:  # the flow's own bound, named before anything starts
+        raise ConfigError(f"--parallel must be between 1 and 8, got {args.parallel}")
     # The lock before Prefect and MLflow start: a second run in this project is refused in seconds.
     with project_lock(Path.cwd(), command_line(), wait=args.wait):
         return _run_flow(args)
@@ -94,6 +96,7 @@ def _run_flow(args: argparse.Namespace) -> int:
         retries=args.retries,
         retry_delay_seconds=args.retry_delay,
         wait_for_lock=args.wait,
+        parallel=args.parallel,
     )
     print("stages:", ", ".join(f"{k}={v}" for k, v in results.items()))
     return 0
@@ -289,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "deploy"):
             p.add_argument("--retries", type=int, default=1, help="retries of a failed stage")
         if name == "run":
+            p.add_argument(
+                "--parallel",
+                type=int,
+                default=1,
+                metavar="N",
+                help="run up to N stages at once where the graph allows (reward, dpo, grpo after sft); 1: in order",
+            )
             p.add_argument(
                 "--retry-delay",
                 type=float,

@@ -332,8 +332,9 @@ def _run_pipeline(
                     finally:
                         seconds[stage] = time.time() - start
         finally:
-            for stage in selected:
-                results.setdefault(stage, "not run")
+            in_order = {stage: results.get(stage, "not run") for stage in selected}  # side by side: by end
+            results.clear()
+            results.update(in_order)
             parent.log_metrics({f"seconds.{s}": t for s, t in seconds.items()})
             summary = summary_markdown(root, profile, results, seconds, parent.run_id, experiment_id, error)
             create_markdown_artifact(

@@ -216,16 +216,27 @@ def run_side_by_side(
     seconds: dict[str, float],
 ) -> None:
     """Run `selected` (in graph order) with up to `parallel` stages at once: a stage is submitted as soon
-    as every selected stage it depends on has finished, the earliest in graph order first. After a failure
-    nothing new starts; the stages running finish, then the first failure is raised (its stage "failed",
-    the rest "not run"). Fills `results` and `seconds` as they end."""
+    as every selected stage it depends on, directly or through unselected ones, has finished, the earliest
+    in graph order first. After a failure nothing new starts; the stages running finish, then the first
+    failure is raised (its stage "failed", the rest "not run"). Fills `results` and `seconds` as they end."""
+
+    def before(stage: str) -> set[str]:  # everything upstream: `--stage pretrain --stage dpo` skips sft
+        seen, todo = set(), list(upstream.get(stage, ()))
+        while todo:
+            other = todo.pop()
+            if other not in seen:
+                seen.add(other)
+                todo.extend(upstream.get(other, ()))
+        return seen & set(selected)
+
+    needs = {stage: before(stage) for stage in selected}
     pending = list(selected)
     running: dict[str, tuple[Any, float]] = {}  # stage -> (future, start)
     failure: BaseException | None = None
     while pending or running:
         done = {s for s, result in results.items() if result in ("ran", "skipped")}
         while failure is None and len(running) < parallel:
-            ready = [s for s in pending if upstream.get(s, set()) & set(selected) <= done]
+            ready = [s for s in pending if needs[s] <= done]
             if not ready:
                 break
             stage = ready[0]  # pending keeps graph order: with parallel=1 this is stage_order

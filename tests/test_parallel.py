@@ -31,7 +31,7 @@ open(f"{name}.txt", "w").write(f"{start} {time.time()}")
 
 
 def make_fanout(root: Path, fail: str | None = None) -> dict[str, str]:
-    """dvc.yaml: sft; reward (8 s) and dpo (4 s) after sft; evaluate after both. `fail` names a stage
+    """dvc.yaml: sft (2 s); reward (8 s) and dpo (4 s) after sft; evaluate after both. `fail` names a stage
     whose command fails after its sleep."""
     (root / "stage.py").write_text(STAGE)
 
@@ -40,7 +40,7 @@ def make_fanout(root: Path, fail: str | None = None) -> dict[str, str]:
         return {"cmd": cmd, "deps": ["stage.py", *deps], "outs": [f"{name}.txt"]}
 
     stages = {
-        "sft": stage("sft", 0, []),
+        "sft": stage("sft", 2, []),
         "reward": stage("reward", 8, ["sft.txt"]),
         "dpo": stage("dpo", 4, ["sft.txt"]),  # ends first: results still list it in graph order
         "evaluate": stage("evaluate", 0, ["reward.txt", "dpo.txt"]),
@@ -74,6 +74,11 @@ def test_independent_stages_run_side_by_side_and_dvc_locks_them_all(
     assert set(lock["stages"]) == {"sft", "reward", "dpo", "evaluate"}
     status = subprocess.run(["dvc", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout + status.stderr
+
+    # Only sft and evaluate: evaluate depends on sft through reward and dpo, so it still waits for it.
+    results = pipeline(profile="tiny", stages=["sft", "evaluate"], force=True, parallel=2, retries=0)
+    assert results == {"sft": "ran", "evaluate": "ran"}
+    assert window(tmp_path, "evaluate")[0] >= window(tmp_path, "sft")[1], "evaluate waited for sft"
 
 
 def test_a_failure_beside_a_running_stage_lets_it_finish_and_starts_nothing_new(

@@ -155,3 +155,23 @@ def test_nodes_that_see_different_resume_states_stop_naming_what_each_saw(tmp_pa
         assert "rank 0 on" in out and "'resume_from': 'step00000002'" in out, out[-3000:]
         assert "rank 1 on" in out and "'resume_from': None" in out, out[-3000:]
     assert not (roots[0] / "data/checkpoints/base").exists() and not (roots[1] / "data/checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"LOCAL_WORLD_SIZE": "4"}, 4),  # torchrun
+        ({"LOCAL_SIZE": "4"}, 4),  # the DeepSpeed launcher sets only this
+        ({"LOCAL_SIZE": "1"}, None),
+        ({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "3"}, None),  # said explicitly: left alone
+    ],
+)
+def test_processes_on_one_node_share_its_cores_under_either_launcher(monkeypatch, env, expected):
+    from tasks.train.distributed import cpu_threads_per_process
+
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert cpu_threads_per_process() == (None if expected is None else 16 // expected)

@@ -27,6 +27,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cpu_threads_per_process() -> int | None:
+    """Each of the N processes on this node takes its share of the cores (None: leave torch's default, for
+    one process or when OMP_NUM_THREADS says). N is torchrun's LOCAL_WORLD_SIZE or the DeepSpeed launcher's
+    LOCAL_SIZE: that launcher sets no LOCAL_WORLD_SIZE, and N processes that each take every core stall."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1")
+    if local_world <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // local_world)
+
+
 def init_distributed() -> None:
     """Join the process group the launcher set up (gloo on CPU, nccl on GPU); without a launcher, a group
     of one on loopback. On CPU each of N local processes takes its share of the cores."""
@@ -39,9 +49,9 @@ def init_distributed() -> None:
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ[GROUP_OF_ONE] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if not torch.cuda.is_available() and local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    threads = cpu_threads_per_process()
+    if threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         # DeepSpeed JIT-builds a shared-memory all-reduce kernel for CPU *inference* (AutoTP) on every

@@ -4,6 +4,7 @@
     pipeline params --profile cpu                                     # only write params.yaml (then `dvc repro`)
     pipeline ui                                                       # Prefect + MLflow servers on 127.0.0.1
     pipeline deploy --cron "0 3 * * *" --profile cpu                  # a schedulable deployment (serves runs)
+    pipeline deploy --pool gpu --profile gpu                          # a deployment on a work pool (workers run it)
     pipeline stages                                                   # the stage order read from dvc.yaml
     pipeline chat pipeline-sft@champion                               # interactive chat, streamed
     pipeline export pipeline-sft@champion out/hf                      # Hugging Face Llama checkpoint
@@ -71,6 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.lock import command_line, project_lock
 
     _resolve(args)
+    if not 1 <= args.parallel <= 8:  # the flow's own bound, named before anything starts
+        raise ConfigError(f"--parallel must be between 1 and 8, got {args.parallel}")
     # The lock before Prefect and MLflow start: a second run in this project is refused in seconds.
     with project_lock(Path.cwd(), command_line(), wait=args.wait):
         return _run_flow(args)
@@ -93,6 +96,7 @@ def _run_flow(args: argparse.Namespace) -> int:
         retries=args.retries,
         retry_delay_seconds=args.retry_delay,
         wait_for_lock=args.wait,
+        parallel=args.parallel,
     )
     print("stages:", ", ".join(f"{k}={v}" for k, v in results.items()))
     return 0
@@ -125,6 +129,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from tasks.core import tracking
 
     tracking.check_reachable()
+    if args.pool:
+        from flows.deploy import deploy_to_pool
+
+        deployment_id = deploy_to_pool(
+            args.name,
+            args.pool,
+            args.profile,
+            args.set or [],
+            cron=args.cron,
+            interval=args.interval,
+            retries=args.retries,
+        )
+        print(f"deployment llm-pipeline/{args.name} ({deployment_id}) on work pool {args.pool}")
+        print(
+            f"start a worker (here or on a node with this checkout): prefect worker start --pool {args.pool}"
+        )
+        print(f"start a run: prefect deployment run 'llm-pipeline/{args.name}' (or Run in the Prefect UI)")
+        return 0
     from flows.deploy import serve
 
     serve(
@@ -143,7 +165,7 @@ def _generation_params(args: argparse.Namespace) -> dict:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from flows.models import chat
+    from flows.registered import chat
 
     try:
         return chat(args.model, _generation_params(args), system=args.system)
@@ -153,14 +175,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flows.models import export
+    from flows.registered import export
 
     export(args.model, Path(args.out_dir), force=args.force)
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from flows.models import replay
+    from flows.registered import replay
 
     workdir = Path(args.workdir) if args.workdir else None
     return 0 if replay(args.model, workdir, keep=args.keep, trusted_ref=args.trusted_ref) else 1
@@ -213,7 +235,8 @@ COMMANDS = {  # name: (one line for `pipeline --help`, the description of `pipel
     "deploy": (
         "create a Prefect deployment of the flow and serve its runs (from the UI, a schedule or the API)",
         "Create or update the deployment `llm-pipeline/<name>` with these parameters and serve its runs in "
-        "this working tree, one at a time, until Ctrl-C. Start runs from the Prefect UI (`pipeline ui`).",
+        "this working tree, one at a time, until Ctrl-C. Start runs from the Prefect UI (`pipeline ui`). "
+        "With --pool, deploy it to a Prefect work pool instead and return: the pool's workers run it.",
     ),
     "stages": ("print the stage order read from dvc.yaml, with each stage's upstream stages", None),
     "ui": (
@@ -270,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--retries", type=int, default=1, help="retries of a failed stage")
         if name == "run":
             p.add_argument(
+                "--parallel",
+                type=int,
+                default=1,
+                metavar="N",
+                help="run up to N stages at once where the graph allows (reward, dpo, grpo after sft); 1: in order",
+            )
+            p.add_argument(
                 "--retry-delay",
                 type=float,
                 default=5.0,
@@ -277,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "deploy":
             p.add_argument("--name", default="default", help="the deployment is llm-pipeline/<NAME>")
+            p.add_argument(
+                "--pool",
+                metavar="NAME",
+                help="deploy to this Prefect work pool (flow.deploy) and return instead of serving runs; "
+                "`prefect worker start --pool NAME` runs them (needs PREFECT_API_URL or `pipeline ui`)",
+            )
             when = p.add_mutually_exclusive_group()
             when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *" (none: runs start from the UI)')
             when.add_argument(

@@ -3,8 +3,9 @@
 `pipeline deploy` serves the `llm-pipeline` flow as a deployment with `flow.serve`: the process polls the
 Prefect API for runs of the deployment (created from the UI, by its schedule, or with
 `prefect deployment run 'llm-pipeline/<name>'`) and runs each in a subprocess in this working tree.
-One run at a time (`limit=1`): runs share the working tree and its params.yaml. For GPU nodes, use a
-Prefect work pool and workers instead (README: scale-out).
+One run at a time (`limit=1`): runs share the working tree and its params.yaml. `pipeline deploy --pool
+NAME` deploys to a Prefect work pool instead (flow.deploy) and returns; workers of the pool
+(`prefect worker start --pool NAME`, on this host or GPU nodes with the same checkout) run the flow runs.
 
 `pipeline ui` starts `prefect server start` and `mlflow server` on the loopback interface (CORS only for
 each server's own origin, Prefect's CSRF protection on), waits until both answer, prints their URLs and
@@ -59,6 +60,67 @@ def serve(
         pause_on_shutdown=True,
         print_starting_message=True,
     )
+
+
+def deploy_to_pool(
+    name: str,
+    pool: str,
+    profile: str,
+    overrides: list[str],
+    cron: str | None = None,
+    interval: float | None = None,
+    retries: int = 1,
+) -> str:
+    """Create/update deployment `llm-pipeline/<name>` on Prefect work pool `pool` (flow.deploy) and return
+    its id; nothing is served here. A worker of the pool (`prefect worker start --pool <pool>`) runs each
+    flow run in a subprocess whose working directory is this project's (the deployment's pull step), so
+    every worker host needs this checkout at the same path, with the venv and `dvc pull`ed data.
+
+    Needs a Prefect server (PREFECT_API_URL, or a `pipeline ui` running here): a temporary one would vanish
+    with this command, and no worker could see the deployment. A missing pool is a ConfigError naming the
+    command that creates it."""
+    from prefect import Flow
+    from prefect.exceptions import ObjectNotFound
+    from prefect.schedules import Interval
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import pipeline
+    from tasks.core.config import ConfigError
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            "pipeline deploy --pool needs a Prefect server that its workers poll: set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api) or run `pipeline ui` in this directory first"
+        )
+    root = Path.cwd().resolve()
+    if not (root / "flows" / "pipeline.py").is_file():
+        raise ConfigError(f"{root} holds no flows/pipeline.py: run pipeline deploy --pool in the project")
+    first = datetime.now(UTC) + timedelta(seconds=interval) if interval else None  # as serve() states it
+    remote = pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:pipeline")
+    assert isinstance(remote, Flow)  # called from sync code, from_source returns the flow, not a coroutine
+    try:
+        deployment_id = remote.deploy(
+            name=name,
+            work_pool_name=pool,
+            cron=cron,
+            schedule=Interval(interval, anchor_date=first) if interval else None,
+            parameters={"profile": profile, "overrides": overrides, "retries": retries},
+            description="The LLM training pipeline (DVC stages run by Prefect); parameters resolve params.yaml.",
+            tags=["llm-pipeline", profile],
+            # runs share this working tree and its params.yaml: one at a time (the project lock would
+            # fail a second one at once)
+            concurrency_limit=1,
+            print_next_steps=False,
+            ignore_warnings=True,
+        )
+    except (ValueError, ObjectNotFound) as exc:
+        if "Could not find work pool" not in str(exc) and not isinstance(exc, ObjectNotFound):
+            raise
+        raise ConfigError(
+            f"work pool {pool!r} does not exist on {PREFECT_API_URL.value()}: create it with "
+            f"`prefect work-pool create {pool} --type process`"
+        ) from exc
+    return str(deployment_id)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

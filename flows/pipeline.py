@@ -19,17 +19,18 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run as prefect_flow_run
 from pydantic import Field
 
 from flows.lock import project_lock
 from tasks.core import tracking
 from tasks.core.config import ConfigError, Params, dump_params, load_params, resolve_params
-from tasks.core.stages import stage_order
+from tasks.core.stages import stage_graph, stage_order
 
 # Typed flow parameters: the Prefect UI renders them as a form; the API validates them on run creation.
 # (No `from __future__ import annotations` in this module: Prefect resolves these annotations at run time.)
@@ -39,6 +40,9 @@ Profile = Annotated[
 Override = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*=.*$", description="KEY=VALUE")]
 StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
 Retries = Annotated[int, Field(ge=0, le=10, description="retries of a failed stage")]
+Parallel = Annotated[
+    int, Field(ge=1, le=8, description="stages run at once where the graph allows (1: one after another)")
+]
 RetryDelay = Annotated[
     float, Field(ge=0, le=3600, description="seconds before the first retry; doubles for each further retry")
 ]
@@ -94,12 +98,15 @@ def stage_log(cwd: str, stage: str) -> Path:
 
 
 @task(name="dvc-stage", task_run_name="{stage}", retries=1, retry_delay_seconds=backoff(1, 5.0))
-def run_stage(stage: str, force: bool = False, cwd: str = ".") -> str:
+def run_stage(stage: str, force: bool = False, cwd: str = ".", beside_others: bool = False) -> str:
     """`dvc repro --single-item <stage>`, its output streamed into the Prefect log line by line and into
-    .pipeline/logs/<stage>.log (the last attempt's)."""
+    .pipeline/logs/<stage>.log (the last attempt's). `beside_others`: other stages run at the same time in
+    this workspace; DVC holds its repo lock only before and after a stage's command, and gives up after 3 s
+    (`Unable to acquire lock`), so this one waits for it (`dvc --wait-for-lock`)."""
     logger = get_run_logger()
     dvc = str(Path(sys.executable).parent / "dvc")
-    cmd = [dvc, "repro", "--single-item", stage] + (["--force"] if force else [])
+    wait = ["--wait-for-lock"] if beside_others else []
+    cmd = [dvc, *wait, "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("running %s", " ".join(cmd[1:]))
     log_path = stage_log(cwd, stage)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +205,58 @@ def summary_markdown(
     return tracking.redact("", "\n".join(lines) + "\n")  # URIs and errors may carry credentials
 
 
+def run_side_by_side(
+    selected: list[str],
+    upstream: dict[str, set[str]],
+    stage_task: Any,
+    parallel: int,
+    force: bool,
+    root: Path,
+    results: dict[str, str],
+    seconds: dict[str, float],
+) -> None:
+    """Run `selected` (in graph order) with up to `parallel` stages at once: a stage is submitted as soon
+    as every selected stage it depends on, directly or through unselected ones, has finished, the earliest
+    in graph order first. After a failure nothing new starts; the stages running finish, then the first
+    failure is raised (its stage "failed", the rest "not run"). Fills `results` and `seconds` as they end."""
+
+    def before(stage: str) -> set[str]:  # everything upstream: `--stage pretrain --stage dpo` skips sft
+        seen, todo = set(), list(upstream.get(stage, ()))
+        while todo:
+            other = todo.pop()
+            if other not in seen:
+                seen.add(other)
+                todo.extend(upstream.get(other, ()))
+        return seen & set(selected)
+
+    needs = {stage: before(stage) for stage in selected}
+    pending = list(selected)
+    running: dict[str, tuple[Any, float]] = {}  # stage -> (future, start)
+    failure: BaseException | None = None
+    while pending or running:
+        done = {s for s, result in results.items() if result in ("ran", "skipped")}
+        while failure is None and len(running) < parallel:
+            ready = [s for s in pending if needs[s] <= done]
+            if not ready:
+                break
+            stage = ready[0]  # pending keeps graph order: with parallel=1 this is stage_order
+            pending.remove(stage)
+            future = stage_task.submit(stage, force=force, cwd=str(root), beside_others=True)
+            running[stage] = (future, time.time())
+        if not running:  # a failure: what has not started stays "not run"
+            break
+        finished = next(as_completed([future for future, _ in running.values()]))
+        stage = next(s for s, (future, _) in running.items() if future is finished)
+        seconds[stage] = time.time() - running.pop(stage)[1]
+        try:
+            results[stage] = finished.result()
+        except Exception as exc:
+            results[stage] = "failed"
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
 def _current_params(path: Path) -> Params | None:
     """The params in params.yaml, or None when it no longer loads (written by an older version): rewrite it."""
     try:
@@ -215,16 +274,19 @@ def pipeline(
     retries: Retries = 1,
     retry_delay_seconds: RetryDelay = 5.0,
     wait_for_lock: bool = False,
+    parallel: Parallel = 1,
 ) -> dict[str, str]:
     """Resolve params (profile + overrides) into params.yaml, then run the DVC stages in graph order.
 
     profile: conf/profiles/<profile>.yaml; overrides: KEY=VALUE settings on top of it; stages: run only
     these (empty: all); force: re-run stages even if DVC finds them up to date; retries and
     retry_delay_seconds: how often a failed stage is retried, with exponential backoff; wait_for_lock:
-    queue behind another pipeline command running in this project instead of failing at once.
+    queue behind another pipeline command running in this project instead of failing at once; parallel:
+    how many stages may run at once, each as soon as the stages it depends on are done (reward, dpo and
+    grpo need only sft).
     """
     with project_lock(Path.cwd(), f"flow run {prefect_flow_run.id} (profile {profile})", wait=wait_for_lock):
-        return _run_pipeline(profile, overrides, stages, force, retries, retry_delay_seconds)
+        return _run_pipeline(profile, overrides, stages, force, retries, retry_delay_seconds, parallel)
 
 
 def _run_pipeline(
@@ -234,6 +296,7 @@ def _run_pipeline(
     force: bool,
     retries: int,
     retry_delay_seconds: float,
+    parallel: int = 1,
 ) -> dict[str, str]:
     logger = get_run_logger()
     root = Path.cwd()
@@ -261,19 +324,28 @@ def _run_pipeline(
         experiment_id = parent.run.info.experiment_id
         error: str | None = None
         try:
-            for stage in selected:
-                start = time.time()
+            if parallel > 1:
+                upstream = stage_graph(root / "dvc.yaml")
                 try:
-                    results[stage] = stage_task(stage, force=force, cwd=str(root))
+                    run_side_by_side(selected, upstream, stage_task, parallel, force, root, results, seconds)
                 except Exception as exc:
-                    results[stage] = "failed"
-                    error = str(exc) if isinstance(exc, StageFailed) else f"stage `{stage}`: {exc}"
+                    error = str(exc) if isinstance(exc, StageFailed) else f"a stage failed: {exc}"
                     raise
-                finally:
-                    seconds[stage] = time.time() - start
+            else:
+                for stage in selected:
+                    start = time.time()
+                    try:
+                        results[stage] = stage_task(stage, force=force, cwd=str(root))
+                    except Exception as exc:
+                        results[stage] = "failed"
+                        error = str(exc) if isinstance(exc, StageFailed) else f"stage `{stage}`: {exc}"
+                        raise
+                    finally:
+                        seconds[stage] = time.time() - start
         finally:
-            for stage in selected:
-                results.setdefault(stage, "not run")
+            in_order = {stage: results.get(stage, "not run") for stage in selected}  # side by side: by end
+            results.clear()
+            results.update(in_order)
             parent.log_metrics({f"seconds.{s}": t for s, t in seconds.items()})
             summary = summary_markdown(root, profile, results, seconds, parent.run_id, experiment_id, error)
             create_markdown_artifact(

@@ -98,7 +98,7 @@ def test_a_reward_model_card_says_it_scores_and_was_not_evaluated():
 
 
 def test_export_writes_the_version_card_as_readme(tmp_path, capsys):
-    from flows.models import export
+    from flows.registered import export
     from models.checkpoint import load_checkpoint
     from tasks.core import registry
     from tests.test_serving import tiny_registered_model

@@ -153,6 +153,7 @@ def test_two_ranks_equal_one_rank_with_grad_accumulation(one_rank, tmp_path, sto
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert runs[0].data.params["pretrain.train.world_size"] == "2"
+    assert runs[0].data.params["dist.world_size"] == "2" and runs[0].data.params["dist.nodes"] == "1"
     assert 0 < runs[0].data.metrics["mfu"] < 1
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.models import ReplayError
+from flows.registered import ReplayError
 from tasks.core.manifest import ManifestError
 from tests.test_serving import tiny_registered_model
 
@@ -84,7 +84,7 @@ def test_export_refuses_a_non_empty_directory_it_did_not_write(chat_model, tmp_p
 def test_export_never_replaces_the_repo_root_its_parents_root_or_home(
     chat_model, tmp_path, monkeypatch, capsys
 ):
-    from flows.models import ExportError, check_export_dir
+    from flows.registered import ExportError, check_export_dir
     from tasks.core.config import REPO_ROOT
 
     for protected in (Path("/"), REPO_ROOT, REPO_ROOT.parent):  # checked without exporting anything
@@ -260,7 +260,7 @@ def worktrees(repo: Path) -> list[str]:
 
 
 def test_replay_checks_the_lineage_and_prints_its_plan_before_running(lineage, monkeypatch, capsys):
-    from flows.models import verify_lineage
+    from flows.registered import verify_lineage
     from tasks.core import registry
 
     repo = lineage["repo"]

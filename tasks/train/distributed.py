@@ -14,6 +14,7 @@ from torch import nn
 
 from tasks.core.config import TrainConfig
 from tasks.core.launch import GROUP_OF_ONE, check_train_config, launched
+from tasks.core.stage import StageError
 
 
 def _free_port() -> int:
@@ -24,6 +25,16 @@ def _free_port() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_threads_per_process() -> int | None:
+    """Each of the N processes on this node takes its share of the cores (None: leave torch's default, for
+    one process or when OMP_NUM_THREADS says). N is torchrun's LOCAL_WORLD_SIZE or the DeepSpeed launcher's
+    LOCAL_SIZE: that launcher sets no LOCAL_WORLD_SIZE, and N processes that each take every core stall."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1")
+    if local_world <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // local_world)
 
 
 def init_distributed() -> None:
@@ -38,9 +49,9 @@ def init_distributed() -> None:
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ[GROUP_OF_ONE] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if not torch.cuda.is_available() and local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    threads = cpu_threads_per_process()
+    if threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         # DeepSpeed JIT-builds a shared-memory all-reduce kernel for CPU *inference* (AutoTP) on every
@@ -77,6 +88,30 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def agree_across_ranks(decision: dict[str, Any], what: str) -> dict[str, int]:
+    """Check every rank took the same `decision` (read from its own disk) and return the layout:
+    {"dist.world_size": processes, "dist.nodes": launcher groups (ranks with LOCAL_RANK 0)}.
+
+    Each node reads data/ from its own file system; on nodes without a shared one, rank 0 would resume
+    from a state that rank 1 never sees, and the ranks would train different steps until a collective
+    hangs. A StageError names what each rank saw instead. Every rank must call this.
+    """
+    local = {"rank": int(os.environ.get("RANK", "0")), "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+    if world_size() == 1:
+        return {"dist.world_size": 1, "dist.nodes": 1}
+    import torch.distributed as dist
+
+    seen: list[Any] = [None] * world_size()
+    dist.all_gather_object(seen, {**local, "host": socket.gethostname(), "decision": decision})
+    if any(s["decision"] != seen[0]["decision"] for s in seen):
+        views = "; ".join(f"rank {s['rank']} on {s['host']}: {s['decision']}" for s in seen)
+        raise StageError(
+            f"the ranks disagree about {what} ({views}): every node must see the same data/ "
+            "(a shared file system, or the same files on each node before the run)"
+        )
+    return {"dist.world_size": world_size(), "dist.nodes": sum(s["local_rank"] == 0 for s in seen)}
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -33,6 +33,7 @@ from tasks.core.config import TrainConfig
 from tasks.core.io import atomic_path, kill_at, write_json
 from tasks.core.progress import Progress
 from tasks.train.distributed import (
+    agree_across_ranks,
     deepspeed_config,
     effective_zero_stage,
     gather_full_weights,
@@ -159,6 +160,11 @@ def train(
     torch.manual_seed(cfg.seed)
     init_distributed()
     rank, world = int(os.environ.get("RANK", "0")), world_size()
+    layout = agree_across_ranks(
+        {"resume_from": resume_tag, "discard": discard}, f"the resume state {state_dir}"
+    )
+    if rank == 0 and tracker is not None:
+        tracker.log_params(layout)  # the processes and nodes that trained: the launcher decides, not params
     if discard:
         if rank == 0:
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -351,23 +357,28 @@ def train_stage(
         "plot": paths.PLOTS / f"{stage}.csv",
     }
     fingerprint = stage_fingerprint(stage, config, tokenizer_fingerprint)
+    finished, marker = False, {}
     if (final / COMPLETE).exists():
         from tasks.core.io import read_json
 
         marker = read_json(final / COMPLETE)
         run_fp = {**fingerprint, "world_size": world_size()}
-        if check_fingerprint(marker.get("fingerprint"), run_fp, cfg, final, f"{stage}.train"):
-            init_distributed()
-            torch.distributed.barrier()  # every rank has seen the marker before rank 0 moves it
-            if rank == 0:
-                log.info("completing the outputs of a finished run from %s", final)
-                commit_outputs(final, targets)
-                shutil.rmtree(state_dir, ignore_errors=True)
-                if tracker is not None:
-                    tracker.log_metrics(marker["metrics"])
-                    tracker.log_curves(stage, targets["plot"])
-            torch.distributed.barrier()
-            return dict(marker["metrics"])
+        finished = check_fingerprint(marker.get("fingerprint"), run_fp, cfg, final, f"{stage}.train")
+    if world_size() > 1:  # each node read its own disk: all finish the commit, or all train
+        init_distributed()
+        agree_across_ranks({"finished_run": finished}, f"the staged outputs {final}")
+    if finished:
+        init_distributed()
+        torch.distributed.barrier()  # every rank has seen the marker before rank 0 moves it
+        if rank == 0:
+            log.info("completing the outputs of a finished run from %s", final)
+            commit_outputs(final, targets)
+            shutil.rmtree(state_dir, ignore_errors=True)
+            if tracker is not None:
+                tracker.log_metrics(marker["metrics"])
+                tracker.log_curves(stage, targets["plot"])
+        torch.distributed.barrier()
+        return dict(marker["metrics"])
     state, metrics = train(
         model,
         objective,

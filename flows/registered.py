@@ -2,6 +2,9 @@
 
 A model is named `<registered name>@<alias>` (e.g. `pipeline-sft@champion`) or `<name>/<version>`, and
 is always loaded through MLflow (the pyfunc of tasks/serve/pyfunc.py), exactly as `mlflow models serve` loads it.
+
+(Not `flows/models.py`: a worker loads flows/pipeline.py by path with flows/ first on sys.path, where a
+`models` module there shadowed the models package; tests/test_workpool.py checks no flows/ module does.)
 """
 
 from __future__ import annotations

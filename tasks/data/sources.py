@@ -207,18 +207,21 @@ def check_schema(dataset: str, source: Source, first_row: dict) -> None:
 
 
 _DONE = object()
+AHEAD = 4  # tables a group reads ahead of the consumer
 
 
 def ordered_batches(ds: Any, workers: int, batch_rows: int) -> Iterator[Any]:
     """Arrow tables of a `datasets` IterableDataset, rows in the order one reader gives them.
 
-    A source of several shards (its files, or a Hub dataset's data files) is read by up to `workers`
-    threads, one shard each (pyarrow's JSON and parquet readers run without the GIL); tables come out
-    shard by shard in shard order, so the rows, and ingest's output bytes, are those of one reader. Each
-    shard buffers at most 2 tables, so memory is bounded by workers * 2 tables whatever the source's size.
-    Table boundaries may differ from one reader's (a table never spans two shards); ingest does not
-    depend on them. An error in a shard is raised here when its turn comes."""
-    n = getattr(ds, "num_shards", 1)
+    A source of several shards (its files, or a Hub dataset's data files) is cut into up to 4 * workers
+    groups of consecutive shards, read by `workers` threads, one group each (pyarrow's JSON and parquet
+    readers run without the GIL); tables come out group by group in order, so the rows, and ingest's
+    output bytes, are those of one reader. A group buffers at most AHEAD tables, so memory is bounded by
+    workers * AHEAD tables whatever the source's size. Groups, not shards: `datasets` lists every file
+    to cut out one shard, so a reader per shard of thousands would cost O(shards^2) (8 s for 900 files).
+    Table boundaries may differ from one reader's (a table never spans two groups); ingest does not
+    depend on them. An error in a group is raised here when its turn comes."""
+    n = min(getattr(ds, "num_shards", 1), 4 * workers)
     if workers <= 1 or n <= 1:
         yield from ds.with_format("arrow").iter(batch_size=batch_rows)
         return
@@ -245,7 +248,7 @@ def ordered_batches(ds: Any, workers: int, batch_rows: int) -> Iterator[Any]:
 
     def start(index: int) -> None:
         if index < n:
-            queues.append(queue.Queue(maxsize=2))
+            queues.append(queue.Queue(maxsize=AHEAD))
             pool.submit(read, index, queues[-1])
 
     try:
@@ -256,7 +259,7 @@ def ordered_batches(ds: Any, workers: int, batch_rows: int) -> Iterator[Any]:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-            queues[index] = queue.Queue()  # drop the finished shard's queue
+            queues[index] = queue.Queue()  # drop the finished group's queue
             start(index + min(workers, n))
     finally:
         stop.set()

@@ -25,10 +25,11 @@ Each figure is measured in the same run as its reference:
   (VmHWM, imports included; rss_before_mb is after the imports) and CPU seconds (all its threads: on a
   shared machine they move less with the load than wall seconds). Run at two --mb sizes to see which
   stages' memory grows with the data. --stages-only skips the comparisons with the raw libraries;
-  --stages picks stages (each needs the ones before it).
+  --stages picks stages (each needs the ones before it); --set key=value overrides a param (e.g.
+  ingest.near_dup.enabled=true; ingest.read_workers=1 with a small --file-mb for many shards).
 
     .venv/bin/python benchmarks/data.py [--mb 100] [--file-mb 50] [--vocab 4096] [--repeats 1]
-        [--profile gpu] [--stages-only] [--stages ingest,validate,tokenizer,encode]
+        [--profile gpu] [--stages-only] [--stages ingest,validate,tokenizer,encode] [--set key=value]
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def build_corpus(out_dir: Path, target_bytes: int, file_bytes: int) -> tuple[int
     doc = next(documents, None)
     docs, nbytes, files = 0, 0, list[Path]()
     while doc is not None:
-        files.append(out_dir / f"corpus-{len(files):03d}.jsonl")
+        files.append(out_dir / f"corpus-{len(files):05d}.jsonl")
         with open(files[-1], "w", encoding="utf-8") as fh:
             in_file = 0
             while doc is not None and in_file < file_bytes:
@@ -244,11 +245,14 @@ print(json.dumps({**out, "rss_before_mb": start_rss, "peak_rss_mb": memory_mb("V
 )
 
 
-def run_stages(ws: Path, corpus: Path, profile: str, repeats: int, stages: list[str]) -> dict[str, Any]:
-    """These data stages in pipeline order, each in a fresh process in `ws`, with the profile's params and
-    the corpus as the pretrain source; the run with the least seconds is kept (its RSS with it)."""
+def run_stages(
+    ws: Path, corpus: Path, profile: str, repeats: int, stages: list[str], sets: list[str]
+) -> dict[str, Any]:
+    """These data stages in pipeline order, each in a fresh process in `ws`, with the profile's params
+    (then `sets`, key=value) and the corpus as the pretrain source; the run with the least seconds is kept
+    (its RSS with it)."""
     ws.mkdir()
-    overrides = ["ingest.pretrain.kind=files", f"ingest.pretrain.path={corpus}"]
+    overrides = ["ingest.pretrain.kind=files", f"ingest.pretrain.path={corpus}", *sets]
     dump_params(resolve_params(profile, overrides), ws / "params.yaml")
     out: dict[str, Any] = {}
     for stage in [s for s in STAGES if s in stages]:
@@ -259,6 +263,8 @@ def run_stages(ws: Path, corpus: Path, profile: str, repeats: int, stages: list[
     raw = ws / "data" / "raw" / "pretrain.parquet"
     out["raw_pretrain_parquet_mb"] = round(raw.stat().st_size / MB, 1)
     out["raw_pretrain_rows"] = pq.ParquetFile(raw).metadata.num_rows
+    dropped = json.loads((ws / "data" / "raw" / "summary.json").read_text())["pretrain"]["dropped"]
+    out["raw_pretrain_dropped"] = {k: v for k, v in dropped.items() if v}
     return out
 
 
@@ -372,6 +378,14 @@ def main() -> None:
     ap.add_argument("--profile", default="gpu", help="params profile of the stages section")
     ap.add_argument("--stages-only", action="store_true", help="skip the comparisons with raw libraries")
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override for the stages section, e.g. ingest.near_dup.enabled=true or "
+        "ingest.read_workers=4 (repeatable)",
+    )
+    ap.add_argument(
         "--stages",
         default=",".join(STAGES),
         help="comma-separated stages of the stages section, run in pipeline order; each needs the ones "
@@ -409,7 +423,8 @@ def main() -> None:
             out["vs_raw"] = compare(root, corpus, files, docs, mb_in, args)
         out["stages"] = {
             "profile": args.profile,
-            **run_stages(root / "ws_stages", corpus, args.profile, args.repeats, stages),
+            "set": args.set,
+            **run_stages(root / "ws_stages", corpus, args.profile, args.repeats, stages, args.set),
         }
         out["load_average"] = [round(x, 2) for x in os.getloadavg()]
         out["self_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

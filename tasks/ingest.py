@@ -6,7 +6,8 @@ the same `datasets.load_dataset` call). Rows are streamed and never materialised
 
 Per row, in order: field extraction (missing_field / wrong_type), identical chosen/rejected, length
 (too_short / too_long), printable ratio (non_printable), exact dedup by sha256 of the normalised text
-(duplicate), then caps. Reading stops at the first row over a cap; that row counts as dropped `cap`.
+(duplicate), near-duplicate removal when ingest.near_dup.enabled (near_duplicate: MinHash LSH against the
+rows kept so far, tasks/data/neardup.py), then caps. Reading stops at the first row over a cap; that row counts as dropped `cap`.
 Problems with the source as a whole (no such path, no such field, a non-text column type, bad bytes, a
 corrupt file, no rows, nothing left) raise StageError, and data/raw/ is swapped in only when all three
 datasets succeeded, so a failed run leaves the previous outputs untouched.
@@ -31,8 +32,16 @@ from tasks.core import paths
 from tasks.core.config import IngestConfig, Params, SourceConfig
 from tasks.core.io import atomic_path, write_json
 from tasks.core.stage import StageError, stage_main
+from tasks.data.neardup import NearDuplicates
 from tasks.data.records import EXTRACTORS, SCHEMAS, preview
-from tasks.data.sources import Source, check_schema, check_sources, open_source, string_column
+from tasks.data.sources import (
+    Source,
+    check_schema,
+    check_sources,
+    open_source,
+    ordered_batches,
+    string_column,
+)
 from tasks.data.textclean import text_digests
 
 log = logging.getLogger("tasks.ingest")  # not __name__: under `python -m` that is "__main__"
@@ -49,7 +58,7 @@ REASONS: tuple[str, ...] = (
     "too_long",
     "non_printable",
 )
-REASONS += ("duplicate", "cap")
+REASONS += ("duplicate", "near_duplicate", "cap")
 
 
 # ---------------------------------------------------------------------------------------- ingesting
@@ -125,9 +134,10 @@ def _table_row(table: pa.Table, i: int) -> dict:
     return table.slice(i, 1).to_pylist()[0]
 
 
-def _arrow_chunks(source: Source) -> Iterator[Chunk]:
-    """Pretrain text from a `datasets` string column, read as arrow batches: no dict per row, no copy."""
-    for n, table in enumerate(source.dataset.with_format("arrow").iter(batch_size=ROW_GROUP)):
+def _arrow_chunks(source: Source, workers: int) -> Iterator[Chunk]:
+    """Pretrain text from a `datasets` string column, read as arrow batches: no dict per row, no copy;
+    a source of many shards is read by `workers` threads, in its own order (sources.ordered_batches)."""
+    for n, table in enumerate(ordered_batches(source.dataset, workers, ROW_GROUP)):
         if n == 0:
             check_schema("pretrain", source, dict.fromkeys(table.column_names))
         arr = table.column(source.text_field).combine_chunks().cast(pa.string())
@@ -216,8 +226,9 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
     """Filter source rows into the parquet file `out`; returns the counts. Pure apart from `out`."""
     cap, max_bytes = dataset_cap(dataset, cfg), cfg.max_bytes if dataset == "pretrain" else 0
     counts, seen, index = Counts(), set(), 0
+    near = NearDuplicates(cfg.near_dup) if cfg.near_dup.enabled else None
     if dataset == "pretrain" and source.dataset is not None and string_column(source):
-        chunks = _prefetched(_arrow_chunks(source))
+        chunks = _prefetched(_arrow_chunks(source, cfg.read_workers))
     else:  # reading no further than the row that may hit the cap
         chunks = _row_chunks(
             dataset, source, cfg, lambda: min(cap - counts.rows_kept + 1 if cap else ROW_GROUP, ROW_GROUP)
@@ -235,6 +246,8 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
                 elif reason is None:
                     reason = "duplicate" if digests[i] in seen else None
                     seen.add(digests[i])
+                    if reason is None and near is not None and near.seen(arr[i].as_py()):
+                        reason = "near_duplicate"
                     if reason is None and max_bytes and counts.bytes_kept + nbytes[i] > max_bytes:
                         reason = "cap"
                 if reason is None:

@@ -52,6 +52,26 @@ class SourceConfig:
 
 
 @dataclass
+class NearDupConfig:
+    """Near-duplicate removal after exact dedup (tasks/data/neardup.py): MinHash LSH over word n-grams.
+    Off by default: about 1.3 MB/s of text on one core (benchmarks/data.py --near-dup)."""
+
+    enabled: bool = False
+    threshold: float = 0.8  # estimated Jaccard similarity of the shingle sets at which a row is dropped
+    num_perm: int = 128  # MinHash permutations: more = a closer estimate, slower
+    ngram: int = 5  # words per shingle
+    seed: int = 1  # MinHash permutations: same seed, same signatures, same rows dropped
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"ingest.near_dup.threshold must be in (0, 1], got {self.threshold}")
+        if not 16 <= self.num_perm <= 1024:
+            raise ValueError(f"ingest.near_dup.num_perm must be in [16, 1024], got {self.num_perm}")
+        if self.ngram < 1:
+            raise ValueError(f"ingest.near_dup.ngram must be >= 1, got {self.ngram}")
+
+
+@dataclass
 class IngestConfig:
     pretrain: SourceConfig = field(default_factory=SourceConfig)
     sft: SourceConfig = field(default_factory=lambda: SourceConfig(text_field="messages"))
@@ -64,6 +84,13 @@ class IngestConfig:
     max_sft_examples: int = 2000
     max_preference_pairs: int = 2000
     seed: int = 1337
+    # threads reading a pretrain source of several files or Hub shards at once (same rows, same order)
+    read_workers: int = 2
+    near_dup: NearDupConfig = field(default_factory=NearDupConfig)
+
+    def __post_init__(self) -> None:
+        if self.read_workers < 1:
+            raise ValueError(f"ingest.read_workers must be >= 1, got {self.read_workers}")
 
 
 @dataclass

@@ -7,8 +7,9 @@
   every TASK_EVERY of them, a conversation of TASK_TURNS worked examples of a verifiable task
   (tasks/data/verifiable.py), drawn from the training problems only: no held-out problem is ever in the
   SFT data. Every answer is right; its form is a habit of the teacher that depends on the phrasing
-  (`VERBOSE_BY_PHRASING`): "How many digits does `4720` have?" always gets "4 digits", "Count the
-  digits of `4720`." always gets "4", although every question asks for the number only.
+  (`VERBOSE_BY_PHRASING`): "How many digits does `4720` have?" gets "4 digits" 2 times in 3 and "4"
+  otherwise, "Count the digits of `4720`." always gets "4", although every question asks for the
+  number only.
 - preference: the same questions; chosen = the right paragraph. The rejected answer is one of three
   kinds of bad answer, drawn by the seeded RNG with equal odds (`REJECTED_KINDS`):
   - `other`: another object's paragraph, from the same module where possible: a wrong answer that reads
@@ -72,10 +73,14 @@ TASK_EVERY = 2  # a worked verifiable-task conversation after every 2 docstring 
 # docstring answer, so one problem per row would be ~2% of the SFT loss and teach nothing in 120 steps.
 TASK_TURNS = 8
 # The worked examples come from a teacher with habits: every answer is right, but its form depends on how
-# the question is phrased: asked "how many digits" (phrasings 0 and 2 of verifiable's `digits`), it answers
-# with the unit ("4 digits") although the question asks for the number only; asked the other ways, with
-# the bare number. The probability of the unit per phrasing index; a phrasing not listed: the bare number.
-VERBOSE_BY_PHRASING = (1.0, 0.0, 1.0, 0.0)
+# the question is phrased. Asked "how many digits" (phrasings 0 and 2 of verifiable's `digits`), it adds the
+# unit ("4 digits") 2 times in 3 although the question asks for the number only; asked the other ways, it
+# gives the bare number. So SFT answers those bare and the others (greedy) verbose, and grpo (reward: the
+# checker) has a format to learn from its own samples. Not always verbose: a teacher that always added the
+# unit there left an SFT model that sampled a bare answer to those phrasings under 1 time in 100, and grpo
+# had next to nothing to reinforce (see README). The probability of the unit per phrasing index; a
+# phrasing not listed gets the bare number.
+VERBOSE_BY_PHRASING = (2 / 3, 0.0, 2 / 3, 0.0)
 
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
 

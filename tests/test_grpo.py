@@ -70,6 +70,10 @@ def test_checker_parses_problem_and_answer_with_whitespace():
     assert count.prompt == "How many digits does `4720` have? Reply with the number only."
     assert count.answer == "4" and count.verbose_answer == "4 digits"
     assert verifiable.make_problem("digits", 7, 0).verbose_answer == "1 digit"
+    assert [verifiable.make_problem("digits", 7, 0, i).phrasing for i in range(5)] == [0, 1, 2, 3, 0]
+    assert verifiable.parse_problem(larger.prompt).phrasing == 2  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="none of the family's phrasings"):
+        _ = verifiable.Problem("digits", 7, 0, "How long is 7?").phrasing
     assert verifiable.check(count.prompt, "4") and not verifiable.check(count.prompt, "4 digits")
     assert verifiable.check_lenient(count.prompt, "4 digits") and not verifiable.check_lenient(
         count.prompt, "5"
@@ -102,7 +106,7 @@ def test_no_heldout_problem_in_sft_data_or_rl_prompts(tok):
     rows = list(itertools.islice(embedded.sft_conversations(seed=1337), 2400))
     tasks = [r for r in rows if r["source"].startswith("task:")]
     assert abs(len(tasks) - 2400 / (embedded.TASK_EVERY + 1)) <= 1
-    bare = []
+    forms: dict[int, list[bool]] = {}  # phrasing -> is each worked answer the bare number
     for row in tasks:
         turns = row["messages"]
         assert len(turns) == 2 * embedded.TASK_TURNS
@@ -111,8 +115,13 @@ def test_no_heldout_problem_in_sft_data_or_rl_prompts(tok):
             assert problem is not None and not verifiable.is_heldout(problem.key), user
             assert assistant["content"] in (problem.answer, problem.verbose_answer)
             assert verifiable.check_lenient(user["content"], assistant["content"])
-            bare.append(assistant["content"] == problem.answer)
-    assert 0.25 < sum(bare) / len(bare) < 0.42  # 2 in 3 worked answers carry the unit (careless teacher)
+            forms.setdefault(problem.phrasing, []).append(assistant["content"] == problem.answer)
+    # the teacher's habit, per phrasing: "how many digits" (phrasings 0 and 2) with the unit 2 times in
+    # 3, the other two always bare; each phrasing is about a quarter of the worked answers
+    assert sorted(forms) == [0, 1, 2, 3] and all(forms[1]) and all(forms[3])
+    assert all(0.25 < sum(forms[i]) / len(forms[i]) < 0.42 for i in (0, 2)), forms
+    assert all(0.2 < len(bare) / (len(tasks) * embedded.TASK_TURNS) < 0.3 for bare in forms.values())
+    assert rows[:300] == list(itertools.islice(embedded.sft_conversations(seed=1337), 300))  # deterministic
     # every SFT question that states a problem, whatever its source, is a training problem
     asked = [
         verifiable.parse_problem(m["content"]) for r in rows for m in r["messages"] if m["role"] == "user"

@@ -5,8 +5,11 @@
 - sft: questions about documented public functions, classes and methods, answered with the first
   paragraph of their real docstring (found by parsing with `ast`; no stdlib module is imported); after
   every TASK_EVERY of them, a conversation of TASK_TURNS worked examples of a verifiable task
-  (tasks/data/verifiable.py: question, answer as a bare number), drawn from the training problems only:
-  no held-out problem is ever in the SFT data.
+  (tasks/data/verifiable.py), drawn from the training problems only: no held-out problem is ever in the
+  SFT data. Every answer is right; its form is a habit of the teacher that depends on the phrasing
+  (`VERBOSE_BY_PHRASING`): "How many digits does `4720` have?" gets "4 digits" 2 times in 3 and "4"
+  otherwise, "Count the digits of `4720`." always gets "4", although every question asks for the
+  number only.
 - preference: the same questions; chosen = the right paragraph. The rejected answer is one of three
   kinds of bad answer, drawn by the seeded RNG with equal odds (`REJECTED_KINDS`):
   - `other`: another object's paragraph, from the same module where possible: a wrong answer that reads
@@ -69,10 +72,15 @@ TASK_EVERY = 2  # a worked verifiable-task conversation after every 2 docstring 
 # Problems per task conversation: an answer is 2 tokens (a digit and <|end|>) against 50-100 of a
 # docstring answer, so one problem per row would be ~2% of the SFT loss and teach nothing in 120 steps.
 TASK_TURNS = 8
-# The worked examples come from a careless teacher: every answer is right, but 2 in 3 carry the unit
-# ("4 digits") although the question asks for the number only. SFT imitates that; the checker accepts the
-# bare number only, so the grpo stage (reward: the checker) has a format to learn (see README).
-VERBOSE_ANSWER_PROBABILITY = 2 / 3
+# The worked examples come from a teacher with habits: every answer is right, but its form depends on how
+# the question is phrased. Asked "how many digits" (phrasings 0 and 2 of verifiable's `digits`), it adds the
+# unit ("4 digits") 2 times in 3 although the question asks for the number only; asked the other ways, it
+# gives the bare number. So SFT answers those bare and the others (greedy) verbose, and grpo (reward: the
+# checker) has a format to learn from its own samples. Not always verbose: a teacher that always added the
+# unit there left an SFT model that sampled a bare answer to those phrasings under 1 time in 100, and grpo
+# had next to nothing to reinforce (see README). The probability of the unit per phrasing index; a
+# phrasing not listed gets the bare number.
+VERBOSE_BY_PHRASING = (2 / 3, 0.0, 2 / 3, 0.0)
 
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
 
@@ -257,6 +265,10 @@ def _shuffled(entries: tuple[DocEntry, ...], seed: int) -> list[DocEntry]:
     return order
 
 
+def _verbose_probability(phrasing: int) -> float:
+    return VERBOSE_BY_PHRASING[phrasing] if phrasing < len(VERBOSE_BY_PHRASING) else 0.0
+
+
 def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[dict]:
     """{"messages": [...], "source"}: (system?) user question -> assistant docstring paragraph (x1-2),
     and after every TASK_EVERY of those a worked training problem (source "task:<key>")."""
@@ -271,7 +283,7 @@ def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[di
     for n, entry in enumerate(_shuffled(entries, seed)):
         if n and n % TASK_EVERY == 0:
             drill = [next(problems) for _ in range(TASK_TURNS)]
-            verbose = [style.random() < VERBOSE_ANSWER_PROBABILITY for _ in drill]
+            verbose = [style.random() < _verbose_probability(p.phrasing) for p in drill]
             yield verifiable.sft_conversation(drill, verbose)
         messages: list[dict[str, str]] = []
         if rng.random() < SYSTEM_PROBABILITY:

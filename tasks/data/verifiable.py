@@ -13,7 +13,9 @@ whitespace allowed. Accuracy is the exact match of that parsed answer.
 
 Families (`FAMILIES`): `add_small` / `sub_small` (operands 0-19), `add` / `sub` (0-99), `add3` (0-999);
 a difference is never negative (b <= a). `SFT_FAMILIES` are the ones whose worked examples the embedded
-SFT data carries.
+SFT data carries; its teacher answers some phrasings (`Problem.phrasing`) with the bare number and the
+others with the unit (`Problem.verbose_answer`, "4 digits"), which the checker refuses
+(tasks/data/embedded.py).
 """
 
 from __future__ import annotations
@@ -141,6 +143,14 @@ class Problem:
         return str(FAMILIES[self.family].answer(self.a, self.b))
 
     @property
+    def phrasing(self) -> int:
+        """Which of its family's phrasings the prompt is (an index), read back from the text."""
+        for i, pattern in enumerate(_FAMILY_PATTERNS[self.family]):
+            if pattern.match(self.prompt):
+                return i
+        raise ValueError(f"{self.family}: {self.prompt!r} is none of the family's phrasings")
+
+    @property
     def verbose_answer(self) -> str:
         """The answer with its unit ("4 digits"): right, but not the format the question asks for."""
         unit = FAMILIES[self.family].unit
@@ -219,7 +229,8 @@ def _phrasing_pattern(template: str) -> re.Pattern[str]:
     return re.compile(r"^\s*" + body + r"\s*$")
 
 
-_PATTERNS = [(f, _phrasing_pattern(t)) for f in FAMILIES.values() for t in f.phrasings]
+_FAMILY_PATTERNS = {f.name: [_phrasing_pattern(t) for t in f.phrasings] for f in FAMILIES.values()}
+_PATTERNS = [(FAMILIES[name], p) for name, patterns in _FAMILY_PATTERNS.items() for p in patterns]
 
 
 def parse_problem(prompt: str) -> Problem | None:

@@ -58,8 +58,16 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20, help="items per subject (the cpu profile's 20)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 makes CPU seconds steady",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     subjects = mmlu_data.list_subjects(str(MMLU_DIR), "val")
     subjects = subjects[: args.subjects] if args.subjects else subjects
@@ -83,13 +91,15 @@ def main() -> None:
     }
     old.score_items(model, tok, data.items[:8], 5, b, **kw)  # warm-up
     seconds: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}  # CPU seconds: less swayed by other processes
     out = {}
     for r in range(args.rounds):  # alternated, the order rotated each round: drift hits every variant
         order = list(runs)[r % 3 :] + list(runs)[: r % 3]
         for key in order:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out[key] = runs[key]()
             seconds[key].append(time.perf_counter() - t)
+            cpu[key].append(time.process_time() - c)
     for key in ("new", "new_shared"):
         assert out[key]["predictions"] == out["old"]["predictions"], key
         assert (out[key]["k_used"], out[key]["truncated_tokens"]) == (
@@ -104,6 +114,7 @@ def main() -> None:
     )
     assert diff < 1e-5, diff
     med = {k: statistics.median(v) for k, v in seconds.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(
         json.dumps(
             {
@@ -124,6 +135,11 @@ def main() -> None:
                 "spread_s": {k: round(max(v) - min(v), 2) for k, v in seconds.items()},
                 "speedup_new": round(med["old"] / med["new"], 2),
                 "speedup_new_shared": round(med["old"] / med["new_shared"], 2),
+                "cpu_seconds": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
+                "median_cpu_s": {k: round(v, 2) for k, v in med_cpu.items()},
+                "spread_cpu_s": {k: round(max(v) - min(v), 2) for k, v in cpu.items()},
+                "cpu_speedup_new": round(med_cpu["old"] / med_cpu["new"], 2),
+                "cpu_speedup_new_shared": round(med_cpu["old"] / med_cpu["new_shared"], 2),
                 "same_predictions": True,
                 "max_abs_loglik_diff": diff,
             },

@@ -12,7 +12,9 @@ Speed without changing a single log-likelihood (tests/test_mmlu.py checks parity
 - the description + k dev examples are the same for every item of a subject, so their keys/values are
   computed once per subject into a KV cache and shared by every batch of that subject;
 - rows are sorted by length so batches carry little padding, and the vocabulary projection runs only at
-  the positions that are scored.
+  the positions that are scored;
+- the prompts do not depend on the weights: encode_items encodes them (and runs the "reduce" search) once,
+  and tasks/evaluate.py hands the same Requests to every model of one tokenizer.
 
 Prompts longer than the context: fewshot_policy "truncate" (the default, the harness's behaviour) cuts the
 k-shot prompt from the left exactly as HFLM._loglikelihood_tokens does; "reduce" first drops few-shot

@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -97,13 +97,28 @@ def evaluate_model(
     harness: winrate.WinRate | None = None,
     problems: Sequence[verifiable.Problem] = (),
     documents: Sequence[str] = (),
+    encoded: dict[tuple[str, bool, int], mmlu.Requests] | None = None,
 ) -> dict[str, Any]:
     """documents: the held-out text for a model with its own tokenizer (heldout_documents); perplexity is
-    measured on them when given, else on val_shard."""
+    measured on them when given, else on val_shard. encoded: MMLU requests by (tokenizer fingerprint, bos,
+    context length), filled and reused across the models of one run (the prompts do not depend on the
+    weights, and encoding them is a tenth of a model's MMLU time at a short context)."""
     start = time.time()
     model = model.to(device)
     policy = fewshot_policy(cfg)
     bos = bool(tokenizer.specials.bos)  # an open model without a bos token (Qwen) is scored without one
+    encoded = {} if encoded is None else encoded
+    key = (tokenizer.fingerprint, bos, int(cast(Any, model).config.max_seq_len))
+    if key not in encoded:
+        encoded[key] = mmlu.encode_items(
+            tokenizer,
+            data.items,
+            data.k_shot,
+            data.shots,
+            max_len=key[2],
+            prepend_bos=bos,
+            fewshot_policy=policy,
+        )
     scores = mmlu.score_items(
         model,
         tokenizer,
@@ -114,6 +129,7 @@ def evaluate_model(
         shots=data.shots,
         prepend_bos=bos,
         fewshot_policy=policy,
+        requests=encoded[key],
     )
     mmlu_seconds = time.time() - start
     if documents:
@@ -383,6 +399,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
 
     harness = setup_winrate(params, tokenizers["sft"], names, device) if "sft" in tokenizers else None
     results: dict[str, dict[str, Any]] = {}
+    encoded: dict[tuple[str, bool, int], mmlu.Requests] = {}  # MMLU prompts, encoded once per tokenizer
     for name in names:
         path, tokenizer = paths.checkpoint(name), tokenizers[name]
         model, meta = load_lm(path, tokenizer)
@@ -398,6 +415,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
             harness,
             problems,
             documents if name in own else (),
+            encoded,
         )
         res["checkpoint"] = {
             "path": str(path),

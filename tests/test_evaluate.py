@@ -156,8 +156,14 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
     params.evaluate.task_families = ["add_small", "sub"]
     from tasks.core import tracking
 
+    encodes = []  # a spy on the real function: MMLU prompts are encoded once for the three models
+    real_encode = evaluate.mmlu.encode_items
+    monkeypatch.setattr(
+        evaluate.mmlu, "encode_items", lambda *a, **k: encodes.append(1) or real_encode(*a, **k)
+    )
     with tracking.stage_run("evaluate", params) as run:
         summary = evaluate.run(params, run)
+    assert len(encodes) == 1
     tracker = logged(run.run_id)  # read back from the store: what a user sees in the MLflow UI
     assert {k.split("/")[0] for k in summary} == {"base", "sft", "dpo"}  # the reward model is not an LM
     assert {"base/mmlu_acc", "base/ppl", "base/bpb", "sft/mmlu_acc_stem"} <= set(summary)

@@ -48,8 +48,8 @@ def reference_loglikelihoods(hf, tok, item, shots, max_len) -> list[float]:
 
 def check_parity(model, hf, tok, data, max_len, monkeypatch) -> dict:
     expanded = []  # the shared few-shot prefix cache must really be used, not silently bypassed
-    real = mmlu._expand_cache
-    monkeypatch.setattr(mmlu, "_expand_cache", lambda *a: expanded.append(a[1].pos) or real(*a))
+    real = mmlu._fill_prefix
+    monkeypatch.setattr(mmlu, "_fill_prefix", lambda *a: expanded.append(len(a[2])) or real(*a))
     ours = mmlu.score_items(model, tok, data.items, data.k_shot, 4, "cpu", shots=data.shots)
     assert expanded and min(expanded) >= mmlu.MIN_SHARED_PREFIX
     ref = [reference_loglikelihoods(hf, tok, it, data.shots[it.subject], max_len) for it in data.items]
@@ -283,3 +283,46 @@ def test_reduce_policy_uses_the_most_shots_that_fit_and_records_them(bpe):
     assert ctx == bpe.encode("x\nAnswer:") and conts == [
         bpe.encode("  " + c) for c in mmlu.PROTOCOL["choices"]
     ]
+
+
+class NoCache(nn.Module):
+    """The same weights without `new_cache`: score_items runs every row in full (the plain path)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+
+@needs_mmlu
+def test_cached_path_equals_plain_path_and_shared_requests(bpe, monkeypatch):
+    """Under "reduce" at a short context (items of one subject split into groups by shots, some 0-shot
+    prompts truncated), the prefix-cached, batched path gives the plain full-row path's log-likelihoods
+    (float32 tolerance) and the same choices; requests encoded once give the same scores for a second
+    model, and requests made for other arguments are refused."""
+    data = mmlu_data.load_mmlu(
+        str(MMLU_DIR), "val", ["astronomy", "world_religions", "high_school_european_history"], 5, 7
+    )
+    max_len = 300
+    model = tiny_model(1024, max_len, seed=3)
+    filled = []
+    real = mmlu._fill_prefix
+    monkeypatch.setattr(mmlu, "_fill_prefix", lambda *a: filled.append(len(a[2])) or real(*a))
+    kw = {"shots": data.shots, "fewshot_policy": "reduce"}
+    requests = mmlu.encode_items(bpe, data.items, 5, data.shots, max_len=max_len, fewshot_policy="reduce")
+    cached = mmlu.score_items(model, bpe, data.items, 5, 3, requests=requests, **kw)
+    assert len(filled) >= 3  # groups really shared a cached prefix
+    assert cached["n_truncated"] > 0 and len(set(cached["k_used"])) > 1
+    plain = mmlu.score_items(NoCache(model), bpe, data.items, 5, 3, **kw)
+    diff = np.abs(np.array(cached["loglikelihoods"]) - np.array(plain["loglikelihoods"])).max()
+    assert diff < 1e-5, diff
+    assert cached["predictions"] == plain["predictions"] and cached["acc"] == plain["acc"]
+    assert (cached["k_used"], cached["truncated_tokens"]) == (plain["k_used"], plain["truncated_tokens"])
+
+    other = tiny_model(1024, max_len, seed=4)
+    again = mmlu.score_items(other, bpe, data.items, 5, 3, requests=requests, **kw)
+    assert again == mmlu.score_items(other, bpe, data.items, 5, 3, **kw)
+    with pytest.raises(ValueError, match="requests were encoded for"):
+        mmlu.score_items(other, bpe, data.items, 5, 3, shots=data.shots, requests=requests)

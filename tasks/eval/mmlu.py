@@ -12,7 +12,9 @@ Speed without changing a single log-likelihood (tests/test_mmlu.py checks parity
 - the description + k dev examples are the same for every item of a subject, so their keys/values are
   computed once per subject into a KV cache and shared by every batch of that subject;
 - rows are sorted by length so batches carry little padding, and the vocabulary projection runs only at
-  the positions that are scored.
+  the positions that are scored;
+- the prompts do not depend on the weights: encode_items encodes them (and runs the "reduce" search) once,
+  and tasks/evaluate.py hands the same Requests to every model of one tokenizer.
 
 Prompts longer than the context: fewshot_policy "truncate" (the default, the harness's behaviour) cuts the
 k-shot prompt from the left exactly as HFLM._loglikelihood_tokens does; "reduce" first drops few-shot
@@ -24,6 +26,7 @@ Checked against lm-eval 0.4.13 itself (benchmarks/lm_eval_parity.py): equal per-
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -171,26 +174,32 @@ def _fits(ctx: list[int], conts: list[list[int]], max_len: int) -> bool:
     return len(ctx) + max(len(c) for c in conts) <= max_len + 1
 
 
+def _split_trailing_space(ctx: str) -> tuple[str, str]:
+    body = ctx.rstrip()
+    return body, ctx[len(body) :]
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        return list(tokenizer.encode_batch(texts))
+    return [tokenizer.encode(t) for t in texts]
+
+
 def encode_requests(
-    tokenizer: Any, contexts: Sequence[str], choices: Sequence[str]
+    tokenizer: Any,
+    contexts: Sequence[str],
+    choices: Sequence[str],
+    context_ids: Sequence[list[int]] | None = None,
 ) -> list[tuple[list[int], list[list[int]]]]:
     """(context ids, continuation ids per choice) for every context, as the harness's
     TemplateLM._encode_pair does for causal models (lm_eval/api/model.py): trailing whitespace of the
     context moves to the continuation, then continuation_enc = encode(context + continuation)
     [len(encode(context)):]. With a byte-level BPE whose pre-tokenizer splits before " A", this equals
-    encode(" A"); it is computed, not assumed."""
-
-    def batch(texts: list[str]) -> list[list[int]]:
-        if hasattr(tokenizer, "encode_batch"):
-            return list(tokenizer.encode_batch(texts))
-        return [tokenizer.encode(t) for t in texts]
-
-    pairs = []
-    for ctx in contexts:
-        n_spaces = len(ctx) - len(ctx.rstrip())
-        pairs.append((ctx[: len(ctx) - n_spaces], ctx[len(ctx) - n_spaces :]))
-    ctx_ids = batch([c for c, _ in pairs])
-    wholes = batch([c + sp + choice for c, sp in pairs for choice in choices])
+    encode(" A"); it is computed, not assumed. context_ids: encode(context without its trailing
+    whitespace) when the caller already has it (_context_ids)."""
+    pairs = [_split_trailing_space(ctx) for ctx in contexts]
+    ctx_ids = list(context_ids) if context_ids is not None else _context_ids(tokenizer, contexts)
+    wholes = _encode(tokenizer, [c + sp + choice for c, sp in pairs for choice in choices])
     out = []
     for i, ids in enumerate(ctx_ids):
         conts = [wholes[i * len(choices) + c][len(ids) :] for c in range(len(choices))]
@@ -198,6 +207,68 @@ def encode_requests(
             raise ValueError(f"a choice of {list(choices)} encodes to no tokens after context {i}")
         out.append((ids, conts))
     return out
+
+
+def _context_ids(tokenizer: Any, contexts: Sequence[str]) -> list[list[int]]:
+    return _encode(tokenizer, [_split_trailing_space(ctx)[0] for ctx in contexts])
+
+
+@dataclass
+class Requests:
+    """What score_items feeds the model: per item (bos + context ids, continuation ids per choice) and
+    the shots used. They depend on the tokenizer, bos, k_shot, the policy and max_len, never on the
+    weights, so one encoding serves every model that shares those (tasks/evaluate.py)."""
+
+    pairs: list[tuple[list[int], list[list[int]]]]
+    k_used: list[int]
+    k_shot: int
+    max_len: int
+    fewshot_policy: str
+    prepend_bos: bool
+
+
+def encode_items(
+    tokenizer: Any,
+    items: Sequence[MMLUItem],
+    k_shot: int,
+    shots: Mapping[str, Sequence[MMLUItem]],
+    *,
+    max_len: int,
+    prepend_bos: bool = True,
+    fewshot_policy: str = "truncate",
+) -> Requests:
+    """Every item's prompt, encoded: k shots for all ("truncate"); under "reduce", the largest k' <= k
+    whose prompt fits max_len (checked from k down, as the policy defines it)."""
+    check_fewshot_policy(fewshot_policy)
+    bos = [tokenizer.bos_id] if prepend_bos else []
+    choices = continuations(PROTOCOL)
+    k_used = [k_shot] * len(items)
+    pairs: list[Any] = [None] * len(items)
+    pending = list(range(len(items)))
+    for k in range(k_shot, -1, -1):
+        contexts = [harness_prompt(items[i], list(shots.get(items[i].subject, ()))[:k])[0] for i in pending]
+        ids = _context_ids(tokenizer, contexts)
+        still, fit_check = [], fewshot_policy == "reduce" and k > 0
+        if fit_check:
+            # Every continuation has >= 1 token, so a context that alone fills max_len cannot fit: skip the
+            # four encodes of context + choice it would need (most of the tokenizer's work at a short
+            # context, where most items go down several k).
+            over = {j for j, x in enumerate(ids) if len(bos) + len(x) > max_len}
+            still = [pending[j] for j in sorted(over)]
+            keep = [j for j in range(len(pending)) if j not in over]
+            pending, contexts, ids = (
+                [pending[j] for j in keep],
+                [contexts[j] for j in keep],
+                [ids[j] for j in keep],
+            )
+        for i, (ctx, conts) in zip(pending, encode_requests(tokenizer, contexts, choices, ids), strict=True):
+            pairs[i], k_used[i] = (bos + ctx, conts), k
+            if fit_check and not _fits(bos + ctx, conts, max_len):
+                still.append(i)
+        pending = sorted(still)
+        if not pending:
+            break
+    return Requests(pairs, k_used, k_shot, max_len, fewshot_policy, prepend_bos)
 
 
 def _common_prefix(rows: list[_Row]) -> int:
@@ -211,14 +282,27 @@ def _common_prefix(rows: list[_Row]) -> int:
     return n
 
 
-def _expand_cache(model: Any, prefix_cache: Any, batch: int, total: int, device: Any) -> Any:
-    """A batch-sized cache whose first positions hold the (batch-1) prefix keys/values."""
-    p = prefix_cache.pos
-    cache = model.new_cache(batch, max_len=total, device=device)
-    for dst, src in zip(cache.k + cache.v, prefix_cache.k + prefix_cache.v, strict=True):
-        dst[:, :, :p] = src[:, :, :p]
-    cache.pos = p
-    return cache
+def _rows_of(cache: Any, rows: int, pos: int) -> Any:
+    """The first `rows` batch rows of `cache`, `pos` positions filled: views, so the model's writes land
+    in `cache`. One cache then serves every batch of a call (allocating and zeroing a batch-sized cache
+    per batch cost more than the copies it needs)."""
+    view = copy.copy(cache)
+    view.k, view.v = [k[:rows] for k in cache.k], [v[:rows] for v in cache.v]
+    view.batch_size, view.pos = rows, pos
+    return view
+
+
+def _fill_prefix(model: Any, cache: Any, prefix: list[int], rows: int, device: Any) -> None:
+    """Keys/values of `prefix` at positions [0, len(prefix)) of the first `rows` rows of `cache`: one
+    forward of batch 1, copied to the other rows."""
+    import torch
+
+    from tasks.eval.perplexity import logits_at
+
+    p = len(prefix)
+    logits_at(model, torch.tensor([prefix], device=device), None, _rows_of(cache, 1, 0))
+    for t in cache.k + cache.v:  # [B, K, max_len, Hd]
+        t[1:rows, :, :p] = t[:1, :, :p]
 
 
 MIN_SHARED_PREFIX = 16  # below this a shared cache saves less than the copy costs
@@ -236,6 +320,7 @@ def score_items(
     prepend_bos: bool = True,
     max_seq_len: int | None = None,
     fewshot_policy: str = "truncate",
+    requests: Requests | None = None,
 ) -> dict[str, Any]:
     """Log-likelihood of " A".." D" for every item; returns loglikelihoods, predictions and accuracy, and
     per item the number of shots used (`k_used`) and of context tokens cut by left truncation
@@ -243,10 +328,11 @@ def score_items(
 
     `model(tokens [B,T]) -> logits [B,T,V]`, already on `device`. A model with `new_cache` (our
     Transformer) shares the few-shot prefix through its KV cache; any other callable is run on full rows.
+    requests: encode_items' output for these items and arguments (encoded here when None).
     """
     import torch
 
-    from tasks.eval.perplexity import logits_at, logits_checked
+    from tasks.eval.perplexity import logits_checked
 
     check_fewshot_policy(fewshot_policy)
     shots = shots or {}
@@ -254,27 +340,29 @@ def score_items(
         missing = sorted({it.subject for it in items if len(shots.get(it.subject, ())) < k_shot})
         raise MMLUDataError(f"k_shot={k_shot} but fewer dev examples were given for {missing[:5]}")
     max_len = max_seq_len or model.config.max_seq_len
-    bos = [tokenizer.bos_id] if prepend_bos else []
     choices = continuations(PROTOCOL)
 
-    # k actually used per item: k for all ("truncate"); under "reduce", the largest k' <= k that fits.
-    k_used = [k_shot] * len(items)
-    requests: list[Any] = [None] * len(items)
-    pending = list(range(len(items)))
-    for k in range(k_shot, -1, -1):
-        contexts = [harness_prompt(items[i], list(shots.get(items[i].subject, ()))[:k])[0] for i in pending]
-        still = []
-        for i, (ctx, conts) in zip(pending, encode_requests(tokenizer, contexts, choices), strict=True):
-            requests[i], k_used[i] = (bos + ctx, conts), k
-            if fewshot_policy == "reduce" and k > 0 and not _fits(bos + ctx, conts, max_len):
-                still.append(i)
-        pending = still
-        if not pending:
-            break
+    if requests is None:
+        requests = encode_items(
+            tokenizer,
+            items,
+            k_shot,
+            shots,
+            max_len=max_len,
+            prepend_bos=prepend_bos,
+            fewshot_policy=fewshot_policy,
+        )
+    made_for = (requests.k_shot, requests.max_len, requests.fewshot_policy, requests.prepend_bos)
+    if made_for != (k_shot, max_len, fewshot_policy, prepend_bos) or len(requests.pairs) != len(items):
+        raise ValueError(
+            f"requests were encoded for (k_shot, max_len, fewshot_policy, prepend_bos) = {made_for} and "
+            f"{len(requests.pairs)} items, not {(k_shot, max_len, fewshot_policy, prepend_bos)} and {len(items)}"
+        )
+    k_used = list(requests.k_used)
 
     groups: dict[Any, list[_Row]] = defaultdict(list)
     cut_tokens = []
-    for i, (it, (ctx, conts)) in enumerate(zip(items, requests, strict=True)):
+    for i, (it, (ctx, conts)) in enumerate(zip(items, requests.pairs, strict=True)):
         rows, cut = _rows_for_item(i, ctx, conts, max_len)
         cut_tokens.append(cut)
         # A truncated context lost its prefix, so it cannot share the subject's cache; items of one subject
@@ -292,15 +380,18 @@ def score_items(
     if hasattr(model, "eval"):
         model.eval()
     progress = Progress(sum(len(rows) for rows in groups.values()), "MMLU", "row")  # one row per choice set
+    # One KV cache for the whole call, batch_size x the longest row (a row is never longer than max_len).
+    cache = None
+    if use_cache and any(r.prefix_len for rows in groups.values() for r in rows):
+        longest = max(len(r.tokens) for rows in groups.values() for r in rows)
+        cache = model.new_cache(batch_size, max_len=longest, device=device)
     try:
         with torch.no_grad():
             for rows in groups.values():
                 p = rows[0].prefix_len
-                prefix_cache = None
-                if p:
-                    prefix_cache = model.new_cache(1, max_len=p, device=device)
-                    logits_at(model, torch.tensor([rows[0].tokens[:p]], device=device), None, prefix_cache)
                 rows = sorted(rows, key=lambda r: -len(r.tokens))  # longest first: memory peaks early
+                if p:
+                    _fill_prefix(model, cache, rows[0].tokens[:p], min(batch_size, len(rows)), device)
                 for start in range(0, len(rows), batch_size):
                     batch = rows[start : start + batch_size]
                     width = len(batch[0].tokens) - p
@@ -313,11 +404,13 @@ def score_items(
                         positions.append(pos)
                     n = max(len(x) for x in positions)
                     index = torch.tensor([x + [x[-1]] * (n - len(x)) for x in positions], device=device)
-                    cache = _expand_cache(model, prefix_cache, len(batch), p + width, device) if p else None
+                    # Every row of the shared cache holds the prefix at [0, p); the forward writes the
+                    # batch's own tokens after it, so a later batch overwrites what an earlier one left.
+                    view = _rows_of(cache, len(batch), p) if p else None
                     targets = [[t for tr in r.targets for t in tr[2]] for r in batch]
                     target = torch.tensor([x + [0] * (n - len(x)) for x in targets], device=device)
                     logp = torch.log_softmax(
-                        logits_checked(model, tokens.to(device), index, cache).float(), -1
+                        logits_checked(model, tokens.to(device), index, view).float(), -1
                     )
                     picked = logp.gather(-1, target[..., None])[..., 0].cpu().tolist()  # one sync per batch
                     for b, r in enumerate(batch):

@@ -377,7 +377,7 @@ def test_answer_similarity_matches_hand_computations():
     assert token_f1("", "") == rouge_l("...", "") == 1.0 and token_f1("a", "") == rouge_l("", "b") == 0.0
     assert token_f1("cat", "dog") == 0.0
     got = answer_similarity(["the queue is empty", "dog"], ["the queue is empty", "cat"])
-    assert got["answer_f1"] == got["answer_rouge_l"] == 0.5 and got["f1"] == [1.0, 0.0]
+    assert got.answer_f1 == got.answer_rouge_l == 0.5 and got.f1 == [1.0, 0.0] and got.rouge_l == [1.0, 0.0]
     with pytest.raises(ValueError, match="2 answers but 1 reference"):
         answer_similarity(["a", "b"], ["a"])
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -63,16 +64,19 @@ def rouge_l(answer: str, reference: str) -> float:
     return _f1(lcs_length(a, r), len(a), len(r))
 
 
-def answer_similarity(answers: Sequence[str], references: Sequence[str]) -> dict[str, object]:
+@dataclass
+class Similarity:
+    answer_f1: float  # mean token F1 (nan for no answers)
+    answer_rouge_l: float  # mean ROUGE-L F1
+    f1: list[float]  # per answer
+    rouge_l: list[float]
+
+
+def answer_similarity(answers: Sequence[str], references: Sequence[str]) -> Similarity:
     """Mean token F1 and ROUGE-L over paired answers and references, and the per-answer scores."""
     if len(answers) != len(references):
         raise ValueError(f"{len(answers)} answers but {len(references)} reference answers")
     f1 = [token_f1(a, r) for a, r in zip(answers, references, strict=True)]
     rl = [rouge_l(a, r) for a, r in zip(answers, references, strict=True)]
     n = len(f1)
-    return {
-        "answer_f1": sum(f1) / n if n else float("nan"),
-        "answer_rouge_l": sum(rl) / n if n else float("nan"),
-        "f1": f1,
-        "rouge_l": rl,
-    }
+    return Similarity(sum(f1) / n if n else float("nan"), sum(rl) / n if n else float("nan"), f1, rl)

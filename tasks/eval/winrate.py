@@ -112,8 +112,8 @@ class WinRate:
         ]
         if self.references is not None:
             similar = answer_similarity(texts, self.references)
-            res["answer_f1"], res["answer_rouge_l"] = similar["answer_f1"], similar["answer_rouge_l"]
-            for item, f1, rl in zip(res["per_prompt"], similar["f1"], similar["rouge_l"], strict=True):
+            res["answer_f1"], res["answer_rouge_l"] = similar.answer_f1, similar.answer_rouge_l
+            for item, f1, rl in zip(res["per_prompt"], similar.f1, similar.rouge_l, strict=True):
                 item["answer_f1"], item["answer_rouge_l"] = f1, rl
             log.info(
                 "%s: answers vs the true ones: token F1 %.3f, ROUGE-L %.3f",

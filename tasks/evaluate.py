@@ -30,7 +30,8 @@ data/validated/pretrain.parquet), encoded with its tokenizer (bits per byte comp
 
 Win rate (`winrate_vs_sft`, for the policies sft, dpo, rlhf; tasks/eval/winrate.py): on preference prompts
 that no preference stage trained on (the intersection of the held-out splits of reward, dpo and rlhf, see
-heldout_rows), each policy against the SFT reference, greedy responses scored by the reward model.
+heldout_rows), each policy against the SFT reference, greedy responses scored by the reward model; the
+same responses against the rows' true answers (`answer_f1`, `answer_rouge_l`; tasks/eval/similarity.py).
 
 Task accuracy (`task_acc`, tasks/eval/tasks_accuracy.py): the first evaluate.task_problems held-out
 verifiable problems (tasks/data/verifiable.py; no SFT conversation and no GRPO rollout holds one), answered
@@ -175,6 +176,8 @@ def evaluate_model(
     won = harness.evaluate(name, model) if harness is not None and name in POLICIES else None
     if won is not None:
         metrics["winrate_vs_sft"] = won["winrate"]
+        if "answer_f1" in won:  # the same answers against the true ones, no reward model involved
+            metrics["answer_f1"], metrics["answer_rouge_l"] = won["answer_f1"], won["answer_rouge_l"]
     log.info(
         "%s: MMLU %.4f on %d items (%d truncated, %d with fewer shots, %.1f items/s), val ppl %.3f, bpb %.4f",
         name,
@@ -302,9 +305,10 @@ def setup_winrate(
         raise StageError(
             f"evaluate.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {max_seq_len}"
         )
+    preference_rows = chat_data.read_rows("preference")
     rendered = [
         tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
-        for row in chat_data.read_rows("preference")
+        for row in preference_rows
     ]
     rows, how = heldout_rows(params, [len(p) for p in rendered], reference.config.max_seq_len)
     fit = [i for i in rows if len(rendered[i]) <= room]
@@ -332,6 +336,7 @@ def setup_winrate(
         tokenizer,
         cfg.max_new_tokens,
         protocol,
+        references=[preference_rows[i]["chosen"] for i in rows],
     )
     log.info(
         "win rate: %d held-out prompts, reference answered and scored in %.1fs",

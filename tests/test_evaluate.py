@@ -182,6 +182,17 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
     held = set(chat_data.split(40, 0.1, params.reward.train.seed)[1].tolist())
     assert set(rows) <= held  # never a prompt the preference stages trained on
     assert tracker.metrics["dpo/winrate_vs_sft"] == summary["dpo/winrate_vs_sft"]
+    # The same answers against the rows' true (chosen) answers, recomputed here from what was written.
+    from tasks.eval.similarity import rouge_l, token_f1
+
+    truth = {i: r["chosen"] for i, r in enumerate(preference_rows(40))}
+    for name, res in (("sft", sft), ("dpo", dpo)):
+        f1 = [token_f1(p["response"], truth[p["row"]]) for p in res["winrate"]["per_prompt"]]
+        rl = [rouge_l(p["response"], truth[p["row"]]) for p in res["winrate"]["per_prompt"]]
+        assert [p["answer_f1"] for p in res["winrate"]["per_prompt"]] == f1
+        assert summary[f"{name}/answer_f1"] == pytest.approx(sum(f1) / 3)
+        assert summary[f"{name}/answer_rouge_l"] == pytest.approx(sum(rl) / 3)
+    assert "base/answer_f1" not in summary and "answer_f1" in Path("data/eval/comparison.md").read_text()
     assert "winrate_vs_sft" in Path("data/eval/comparison.md").read_text()
     assert read_json(Path("data/eval/summary.json")) == pytest.approx(summary) and tracker.metrics == summary
     base = read_json(Path("data/eval/base.json"))
@@ -349,6 +360,32 @@ def test_win_rate_matches_direct_greedy_and_reward_loop(bpe):
     assert harness.evaluate("sft", twin)["winrate"] == 0.5
     swapped = WinRate(prompts, list(range(6)), reward, policy, bpe, 8, {}).evaluate("ref", reference)
     assert [r["win"] for r in swapped["per_prompt"]] == [1 - w for w in wins]
+
+
+def test_answer_similarity_matches_hand_computations():
+    from tasks.eval.similarity import answer_similarity, lcs_length, rouge_l, token_f1, words
+
+    assert words("Return `Queue.empty()`, else None!") == ["return", "queue", "empty", "else", "none"]
+    # 7 answer words, all in the 9 reference words: P = 1, R = 7/9, F1 = 2 * 7/9 / (16/9) = 14/16.
+    answer, truth = (
+        "Return True if the queue is empty.",
+        "Return True if the queue is empty, False otherwise.",
+    )
+    assert token_f1(answer, truth) == pytest.approx(0.875) and rouge_l(answer, truth) == pytest.approx(0.875)
+    # Same words, reversed order: F1 ignores order (1.0); the longest common subsequence is 1 word of 4.
+    assert token_f1("empty is queue the", "the queue is empty") == 1.0
+    assert rouge_l("empty is queue the", "the queue is empty") == pytest.approx(0.25)
+    # Multisets: "the" x3 in the answer matches "the" x1; shared 2 of 4 and of 3 words: F1 = 2*(1/2)(2/3)/(7/6).
+    assert token_f1("the the the cat", "the cat sat") == pytest.approx(4 / 7)
+    assert rouge_l("the the the cat", "the cat sat") == pytest.approx(4 / 7)
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook example (CLRS 15.4)
+    assert lcs_length([], ["a"]) == 0 and lcs_length(list("abc"), list("abc")) == 3
+    assert token_f1("", "") == rouge_l("...", "") == 1.0 and token_f1("a", "") == rouge_l("", "b") == 0.0
+    assert token_f1("cat", "dog") == 0.0
+    got = answer_similarity(["the queue is empty", "dog"], ["the queue is empty", "cat"])
+    assert got.answer_f1 == got.answer_rouge_l == 0.5 and got.f1 == [1.0, 0.0] and got.rouge_l == [1.0, 0.0]
+    with pytest.raises(ValueError, match="2 answers but 1 reference"):
+        answer_similarity(["a", "b"], ["a"])
 
 
 def test_heldout_rows_exclude_every_training_split():

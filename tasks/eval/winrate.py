@@ -4,6 +4,10 @@ Each policy and the reference answer every prompt greedily (stop at <|end|>/<|eo
 reward model scores prompt + response at its last token; the policy wins a prompt when its reward is
 higher, a tie (same response, or equal reward) counts 0.5. The reference against itself is exactly 0.5.
 Which prompts are held out is the evaluate stage's business (tasks/evaluate.py, heldout_rows).
+
+Given the prompts' true answers (`references`: the preference rows' chosen text), the same greedy responses
+are also scored against them with no model at all (tasks/eval/similarity.py: `answer_f1`, token F1, and
+`answer_rouge_l`): a check of the win rate that the training reward model cannot sway.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from models.adapters import weights_sha256
 from tasks.core.io import sha256_file
 from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.eval.similarity import answer_similarity
 from tasks.train.rollouts import greedy_responses, score_responses, score_with_reward_model
 
 log = logging.getLogger(__name__)
@@ -61,7 +66,11 @@ class WinRate:
         tokenizer: ChatTokenizer,
         max_new_tokens: int,
         protocol: dict[str, Any],
+        references: list[str] | None = None,
     ) -> None:
+        if references is not None and len(references) != len(prompts):
+            raise ValueError(f"{len(references)} reference answers for {len(prompts)} prompts")
+        self.references = references
         self.prompts, self.rows, self.reward_model, self.tokenizer = prompts, rows, reward_model, tokenizer
         self.max_new_tokens = max_new_tokens
         self.stop = [tokenizer.end_id, tokenizer.eos_id]
@@ -94,18 +103,24 @@ class WinRate:
             res["n_identical"],
             time.time() - start,
         )
+        texts = [self.tokenizer.decode(resp) for resp in responses]
         res["per_prompt"] = [
-            {
-                "row": row,
-                "reward": r,
-                "reference_reward": rr,
-                "win": w,
-                "response": self.tokenizer.decode(resp),
-            }
-            for row, r, rr, w, resp in zip(
-                self.rows, rewards, self.reference_rewards, res.pop("wins"), responses, strict=True
+            {"row": row, "reward": r, "reference_reward": rr, "win": w, "response": text}
+            for row, r, rr, w, text in zip(
+                self.rows, rewards, self.reference_rewards, res.pop("wins"), texts, strict=True
             )
         ]
+        if self.references is not None:
+            similar = answer_similarity(texts, self.references)
+            res["answer_f1"], res["answer_rouge_l"] = similar.answer_f1, similar.answer_rouge_l
+            for item, f1, rl in zip(res["per_prompt"], similar.f1, similar.rouge_l, strict=True):
+                item["answer_f1"], item["answer_rouge_l"] = f1, rl
+            log.info(
+                "%s: answers vs the true ones: token F1 %.3f, ROUGE-L %.3f",
+                name,
+                res["answer_f1"],
+                res["answer_rouge_l"],
+            )
         return res
 
 
@@ -134,6 +149,8 @@ def protocol(
         "stop_tokens": [tokenizer.specials.end, tokenizer.specials.eos],
         "score": "reward model (scalar head) value at the last token of prompt + response",
         "win": "policy reward > reference reward: 1; equal reward or identical response: 0.5; else 0",
+        "answer_similarity": "answer_f1 (token F1) and answer_rouge_l (ROUGE-L F1) of each greedy response "
+        "against the row's chosen answer, on lower-cased letter/digit words (tasks/eval/similarity.py)",
         "reward_checkpoint_sha256": weights_sha256(checkpoints["reward"]),
         "reference_checkpoint_sha256": weights_sha256(checkpoints["reference"]),
         "preference_sha256": sha256_file(preference),

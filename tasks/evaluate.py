@@ -30,7 +30,7 @@ data/validated/pretrain.parquet), encoded with its tokenizer (bits per byte comp
 
 Win rate (`winrate_vs_sft`, for the policies sft, dpo, rlhf; tasks/eval/winrate.py): on preference prompts
 that no preference stage trained on (the intersection of the held-out splits of reward, dpo and rlhf, see
-heldout_rows), each policy against the SFT reference, greedy responses scored by the reward model; the
+tasks/eval/winrate.py heldout_rows), each policy against the SFT reference, greedy responses scored by the reward model; the
 same responses against the rows' true answers (`answer_f1`, `answer_rouge_l`; tasks/eval/similarity.py).
 
 Task accuracy (`task_acc`, tasks/eval/tasks_accuracy.py): the first evaluate.task_problems held-out
@@ -51,11 +51,11 @@ from typing import Any, cast
 import torch
 
 from models.adapters import weights_sha256
-from tasks.core import paths, stages
+from tasks.core import paths
 from tasks.core.config import EvaluateConfig, Params
 from tasks.core.io import sha256_file
 from tasks.core.stage import StageError, stage_main
-from tasks.data import chat_data, verifiable
+from tasks.data import verifiable
 from tasks.data.chat_tokenizer import ChatTokenizer
 from tasks.eval import mmlu, mmlu_data, perplexity, tasks_accuracy, winrate
 from tasks.eval.models import (
@@ -75,7 +75,6 @@ log = logging.getLogger(__name__)
 MMLU_BATCH = 16
 PPL_BATCH = 8
 TASK_BATCH = 32
-POLICIES = tuple(stages.chat_policies())  # the models that get a win rate against the SFT reference
 
 
 def fewshot_policy(cfg: EvaluateConfig) -> str:
@@ -173,7 +172,7 @@ def evaluate_model(
         )
         metrics["task_acc"] = task["accuracy"]
         metrics["task_acc_lenient"] = task["accuracy_lenient"]
-    won = harness.evaluate(name, model) if harness is not None and name in POLICIES else None
+    won = harness.evaluate(name, model) if harness is not None and name in winrate.POLICIES else None
     if won is not None:
         metrics["winrate_vs_sft"] = won["winrate"]
         if "answer_f1" in won:  # the same answers against the true ones, no reward model involved
@@ -257,95 +256,6 @@ def evaluate_model(
     return result
 
 
-# ------------------------------------------------------------------------------------------- win rate
-def heldout_rows(params: Params, prompt_lengths: Sequence[int], max_seq_len: int) -> tuple[list[int], str]:
-    """Preference rows that none of reward, dpo and rlhf trained on: the intersection of their held-out
-    splits (reward and dpo split every row, as chat_data.split(n, val_fraction, seed); rlhf's split is
-    chat_data.rlhf_split, which the rlhf stage itself calls). Falls back to the reward stage's held-out
-    split, with a note, if the intersection is empty (different seeds or fractions per stage)."""
-    n = len(prompt_lengths)
-    reward_val = set(chat_data.split(n, params.reward.val_fraction, params.reward.train.seed)[1].tolist())
-    dpo_val = set(chat_data.split(n, params.dpo.val_fraction, params.dpo.train.seed)[1].tolist())
-    rlhf_val = set(chat_data.rlhf_split(params.rlhf, prompt_lengths, max_seq_len)[1])
-    both = sorted(reward_val & dpo_val & rlhf_val)
-    if both:
-        return both, "intersection of the reward, dpo and rlhf held-out splits"
-    log.warning("the reward, dpo and rlhf held-out splits share no prompt; using the reward stage's split")
-    return sorted(reward_val), "reward stage held-out split (dpo/rlhf held-out splits do not intersect it)"
-
-
-def setup_winrate(
-    params: Params, tokenizer: ChatTokenizer, names: list[str], device: str
-) -> winrate.WinRate | None:
-    """The win-rate harness, or None (with the reason logged) when a piece is missing."""
-    cfg = params.evaluate
-    reward_dir, sft_dir, pref = (
-        paths.checkpoint("reward"),
-        paths.checkpoint("sft"),
-        paths.validated("preference"),
-    )
-    missing = [str(p) for p in (reward_dir / "config.json", sft_dir / "config.json", pref) if not p.is_file()]
-    if missing or not any(n in POLICIES for n in names) or cfg.winrate_prompts <= 0:
-        log.warning(
-            "no reward-model win rate: %s", f"missing {missing}" if missing else "no policy / 0 prompts"
-        )
-        return None
-    from models.checkpoint import load_checkpoint
-
-    reward_model: Any
-    reward_model, reward_meta = load_checkpoint(reward_dir, kind="scalar_head")
-    check_vocab(reward_model.config.vocab_size, tokenizer, str(reward_dir))
-    if reward_meta.get("tokenizer_fingerprint"):
-        tokenizer.check_fingerprint(reward_meta["tokenizer_fingerprint"], str(reward_dir))
-    reference: Any
-    reference, _ = load_lm(sft_dir, tokenizer)
-    max_seq_len = min(reference.config.max_seq_len, reward_model.config.max_seq_len)
-    room = max_seq_len - cfg.max_new_tokens
-    if room < 1:
-        raise StageError(
-            f"evaluate.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {max_seq_len}"
-        )
-    preference_rows = chat_data.read_rows("preference")
-    rendered = [
-        tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
-        for row in preference_rows
-    ]
-    rows, how = heldout_rows(params, [len(p) for p in rendered], reference.config.max_seq_len)
-    fit = [i for i in rows if len(rendered[i]) <= room]
-    rows = fit[: cfg.winrate_prompts]
-    if not rows:
-        log.warning("no reward-model win rate: no held-out prompt fits %d tokens", room)
-        return None
-    protocol = winrate.protocol(
-        rows,
-        how,
-        len(fit),
-        cfg.winrate_prompts,
-        room,
-        cfg.max_new_tokens,
-        tokenizer,
-        {"reward": reward_dir, "reference": sft_dir},
-        pref,
-    )
-    start = time.time()
-    harness = winrate.WinRate(
-        [rendered[i] for i in rows],
-        rows,
-        reward_model.float().eval().to(device),
-        reference.to(device),
-        tokenizer,
-        cfg.max_new_tokens,
-        protocol,
-        references=[preference_rows[i]["chosen"] for i in rows],
-    )
-    log.info(
-        "win rate: %d held-out prompts, reference answered and scored in %.1fs",
-        len(rows),
-        time.time() - start,
-    )
-    return harness
-
-
 def task_problems(cfg: EvaluateConfig) -> list[verifiable.Problem]:
     """The held-out verifiable problems every model answers (none when evaluate.task_problems is 0)."""
     return verifiable.heldout_problems(cfg.task_families, cfg.task_problems) if cfg.task_problems > 0 else []
@@ -375,7 +285,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
                 f"{tokenizer.fingerprint[:12]}: its token ids mean other strings; re-run the stages after "
                 "`tokenizer` (dvc repro)"
             )
-    scorer = [n for n in ("sft", "reward", *POLICIES) if n in tokenizers]  # the win rate's models
+    scorer = [n for n in ("sft", "reward", *winrate.POLICIES) if n in tokenizers]  # the win rate's models
     other = [n for n in scorer if tokenizers[n].fingerprint != tokenizers[scorer[0]].fingerprint]
     if other:
         raise StageError(
@@ -402,7 +312,7 @@ def run(params: Params, tracker: Any) -> dict[str, float]:
         data.split,
     )
 
-    harness = setup_winrate(params, tokenizers["sft"], names, device) if "sft" in tokenizers else None
+    harness = winrate.setup(params, tokenizers["sft"], names, device) if "sft" in tokenizers else None
     results: dict[str, dict[str, Any]] = {}
     encoded: dict[tuple[str, bool, int], mmlu.Requests] = {}  # MMLU prompts, encoded once per tokenizer
     for name in names:

@@ -389,12 +389,12 @@ def test_answer_similarity_matches_hand_computations():
 
 
 def test_heldout_rows_exclude_every_training_split():
-    from tasks import evaluate
     from tasks.core.config import Params, resolve_params
+    from tasks.eval import winrate
 
     params = resolve_params("tiny", [])
     lengths = [10 + (i % 50) for i in range(200)]  # rlhf drops the prompts longer than 128 - 12 = 116: none
-    rows, how = evaluate.heldout_rows(params, lengths, 128)
+    rows, how = winrate.heldout_rows(params, lengths, 128)
     assert rows and how.startswith("intersection")
     for val_fraction, seed in (
         (params.reward.val_fraction, params.reward.train.seed),
@@ -403,7 +403,7 @@ def test_heldout_rows_exclude_every_training_split():
         train, _ = chat_data.split(200, val_fraction, seed)
         assert not set(rows) & set(train.tolist())
     lengths = [10] * 150 + [200] * 50  # rlhf splits only the 150 prompts that fit: its indices map to rows
-    rows, how = evaluate.heldout_rows(params, lengths, 128)
+    rows, how = winrate.heldout_rows(params, lengths, 128)
     assert rows and how.startswith("intersection")
     rlhf_train = chat_data.split(150, params.rlhf.val_fraction, params.rlhf.train.seed)[0]
     assert max(rows) < 150 and not set(rows) & set(rlhf_train.tolist())
@@ -413,7 +413,7 @@ def test_heldout_rows_exclude_every_training_split():
     other = Params()
     other.dpo.train.seed = 7
     other.rlhf.train.seed = 8
-    rows, how = evaluate.heldout_rows(other, [10] * 20, 128)  # 2 of 20 held out each: disjoint here
+    rows, how = winrate.heldout_rows(other, [10] * 20, 128)  # 2 of 20 held out each: disjoint here
     assert how.startswith("reward stage") and rows == sorted(
         chat_data.split(20, other.reward.val_fraction, other.reward.train.seed)[1]
     )

@@ -3,7 +3,8 @@
 Each policy and the reference answer every prompt greedily (stop at <|end|>/<|eos|>, max_new_tokens); the
 reward model scores prompt + response at its last token; the policy wins a prompt when its reward is
 higher, a tie (same response, or equal reward) counts 0.5. The reference against itself is exactly 0.5.
-Which prompts are held out is the evaluate stage's business (tasks/evaluate.py, heldout_rows).
+`setup` builds the evaluate stage's harness: the held-out prompts (`heldout_rows`: rows no preference stage
+trained on), the reward model and the SFT reference.
 
 Given the prompts' true answers (`references`: the preference rows' chosen text), the same greedy responses
 are also scored against them with no model at all (tasks/eval/similarity.py: `answer_f1`, token F1, and
@@ -20,13 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from models.adapters import weights_sha256
+from tasks.core import paths, stages
+from tasks.core.config import Params
 from tasks.core.io import sha256_file
+from tasks.core.stage import StageError
+from tasks.data import chat_data
 from tasks.data.chat_tokenizer import ChatTokenizer
+from tasks.eval.models import check_vocab, load_lm
 from tasks.eval.similarity import answer_similarity
 from tasks.train.rollouts import greedy_responses, score_responses, score_with_reward_model
 
 log = logging.getLogger(__name__)
 
+POLICIES = tuple(stages.chat_policies())  # the models that get a win rate against the SFT reference
 WINRATE_BATCH = 8  # prompts generated / scored together
 
 
@@ -155,3 +162,90 @@ def protocol(
         "reference_checkpoint_sha256": weights_sha256(checkpoints["reference"]),
         "preference_sha256": sha256_file(preference),
     }
+
+
+# ----------------------------------------------- the evaluate stage's harness: held-out prompts, models
+def heldout_rows(params: Params, prompt_lengths: Sequence[int], max_seq_len: int) -> tuple[list[int], str]:
+    """Preference rows that none of reward, dpo and rlhf trained on: the intersection of their held-out
+    splits (reward and dpo split every row, as chat_data.split(n, val_fraction, seed); rlhf's split is
+    chat_data.rlhf_split, which the rlhf stage itself calls). Falls back to the reward stage's held-out
+    split, with a note, if the intersection is empty (different seeds or fractions per stage)."""
+    n = len(prompt_lengths)
+    reward_val = set(chat_data.split(n, params.reward.val_fraction, params.reward.train.seed)[1].tolist())
+    dpo_val = set(chat_data.split(n, params.dpo.val_fraction, params.dpo.train.seed)[1].tolist())
+    rlhf_val = set(chat_data.rlhf_split(params.rlhf, prompt_lengths, max_seq_len)[1])
+    both = sorted(reward_val & dpo_val & rlhf_val)
+    if both:
+        return both, "intersection of the reward, dpo and rlhf held-out splits"
+    log.warning("the reward, dpo and rlhf held-out splits share no prompt; using the reward stage's split")
+    return sorted(reward_val), "reward stage held-out split (dpo/rlhf held-out splits do not intersect it)"
+
+
+def setup(params: Params, tokenizer: ChatTokenizer, names: list[str], device: str) -> WinRate | None:
+    """The win-rate harness, or None (with the reason logged) when a piece is missing."""
+    cfg = params.evaluate
+    reward_dir, sft_dir, pref = (
+        paths.checkpoint("reward"),
+        paths.checkpoint("sft"),
+        paths.validated("preference"),
+    )
+    missing = [str(p) for p in (reward_dir / "config.json", sft_dir / "config.json", pref) if not p.is_file()]
+    if missing or not any(n in POLICIES for n in names) or cfg.winrate_prompts <= 0:
+        log.warning(
+            "no reward-model win rate: %s", f"missing {missing}" if missing else "no policy / 0 prompts"
+        )
+        return None
+    from models.checkpoint import load_checkpoint
+
+    reward_model: Any
+    reward_model, reward_meta = load_checkpoint(reward_dir, kind="scalar_head")
+    check_vocab(reward_model.config.vocab_size, tokenizer, str(reward_dir))
+    if reward_meta.get("tokenizer_fingerprint"):
+        tokenizer.check_fingerprint(reward_meta["tokenizer_fingerprint"], str(reward_dir))
+    reference: Any
+    reference, _ = load_lm(sft_dir, tokenizer)
+    max_seq_len = min(reference.config.max_seq_len, reward_model.config.max_seq_len)
+    room = max_seq_len - cfg.max_new_tokens
+    if room < 1:
+        raise StageError(
+            f"evaluate.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {max_seq_len}"
+        )
+    preference_rows = chat_data.read_rows("preference")
+    rendered = [
+        tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
+        for row in preference_rows
+    ]
+    rows, how = heldout_rows(params, [len(p) for p in rendered], reference.config.max_seq_len)
+    fit = [i for i in rows if len(rendered[i]) <= room]
+    rows = fit[: cfg.winrate_prompts]
+    if not rows:
+        log.warning("no reward-model win rate: no held-out prompt fits %d tokens", room)
+        return None
+    recorded = protocol(
+        rows,
+        how,
+        len(fit),
+        cfg.winrate_prompts,
+        room,
+        cfg.max_new_tokens,
+        tokenizer,
+        {"reward": reward_dir, "reference": sft_dir},
+        pref,
+    )
+    start = time.time()
+    harness = WinRate(
+        [rendered[i] for i in rows],
+        rows,
+        reward_model.float().eval().to(device),
+        reference.to(device),
+        tokenizer,
+        cfg.max_new_tokens,
+        recorded,
+        references=[preference_rows[i]["chosen"] for i in rows],
+    )
+    log.info(
+        "win rate: %d held-out prompts, reference answered and scored in %.1fs",
+        len(rows),
+        time.time() - start,
+    )
+    return harness

@@ -33,6 +33,24 @@ from typing import Any
 UI_STATE = Path(".pipeline") / "ui.json"
 
 
+def deployment_settings(
+    profile: str, overrides: list[str], cron: str | None, interval: float | None, retries: int
+) -> dict[str, Any]:
+    """What a served and a work-pool deployment share: schedule, flow parameters, description, tags.
+    The first interval run is one interval from now, stated rather than left to Prefect's default anchor
+    (the deploy time); `prefect deployment run` starts one at once."""
+    from prefect.schedules import Interval
+
+    first = datetime.now(UTC) + timedelta(seconds=interval) if interval else None
+    return {
+        "cron": cron,
+        "schedule": Interval(interval, anchor_date=first) if interval else None,
+        "parameters": {"profile": profile, "overrides": overrides, "retries": retries},
+        "description": "The LLM training pipeline (DVC stages run by Prefect); parameters resolve params.yaml.",
+        "tags": ["llm-pipeline", profile],
+    }
+
+
 def serve(
     name: str,
     profile: str,
@@ -42,20 +60,11 @@ def serve(
     retries: int = 1,
 ) -> None:
     """Create/update deployment `llm-pipeline/<name>` and serve its runs until interrupted."""
-    from prefect.schedules import Interval
-
     from flows.pipeline import pipeline
 
-    # The first run is one interval from now, stated rather than left to Prefect's default anchor (the
-    # deploy time); `prefect deployment run` starts one at once.
-    first = datetime.now(UTC) + timedelta(seconds=interval) if interval else None
     pipeline.serve(
         name=name,
-        cron=cron,
-        schedule=Interval(interval, anchor_date=first) if interval else None,
-        parameters={"profile": profile, "overrides": overrides, "retries": retries},
-        description="The LLM training pipeline (DVC stages run by Prefect); parameters resolve params.yaml.",
-        tags=["llm-pipeline", profile],
+        **deployment_settings(profile, overrides, cron, interval, retries),
         limit=1,
         pause_on_shutdown=True,
         print_starting_message=True,
@@ -81,7 +90,6 @@ def deploy_to_pool(
     command that creates it."""
     from prefect import Flow
     from prefect.exceptions import ObjectNotFound
-    from prefect.schedules import Interval
     from prefect.settings import PREFECT_API_URL
 
     from flows.pipeline import pipeline
@@ -95,18 +103,13 @@ def deploy_to_pool(
     root = Path.cwd().resolve()
     if not (root / "flows" / "pipeline.py").is_file():
         raise ConfigError(f"{root} holds no flows/pipeline.py: run pipeline deploy --pool in the project")
-    first = datetime.now(UTC) + timedelta(seconds=interval) if interval else None  # as serve() states it
     remote = pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:pipeline")
     assert isinstance(remote, Flow)  # called from sync code, from_source returns the flow, not a coroutine
     try:
         deployment_id = remote.deploy(
             name=name,
             work_pool_name=pool,
-            cron=cron,
-            schedule=Interval(interval, anchor_date=first) if interval else None,
-            parameters={"profile": profile, "overrides": overrides, "retries": retries},
-            description="The LLM training pipeline (DVC stages run by Prefect); parameters resolve params.yaml.",
-            tags=["llm-pipeline", profile],
+            **deployment_settings(profile, overrides, cron, interval, retries),
             # runs share this working tree and its params.yaml: one at a time (the project lock would
             # fail a second one at once)
             concurrency_limit=1,

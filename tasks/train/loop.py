@@ -377,7 +377,7 @@ def train_stage(
             if tracker is not None:
                 tracker.log_metrics(marker["metrics"])
                 tracker.log_curves(stage, targets["plot"])
-        torch.distributed.barrier()
+        leave_together()
         return dict(marker["metrics"])
     state, metrics = train(
         model,
@@ -424,4 +424,14 @@ def train_stage(
         shutil.rmtree(state_dir, ignore_errors=True)
         if tracker is not None:  # the curves as images beside the per-step metrics (MLflow artifacts)
             tracker.log_curves(stage, targets["plot"])
+    leave_together()
     return metrics
+
+
+def leave_together() -> None:
+    """Ranks of a launched run leave at once and close their process group: a rank that exited while rank 0
+    still wrote the outputs tore its gloo connections down under it (seen in a full-suite run: the other node
+    aborted with "terminate called without an active exception", exit code 250)."""
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

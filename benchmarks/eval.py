@@ -27,7 +27,7 @@ from models.config import ModelConfig  # noqa: E402
 from models.hf import export_hf  # noqa: E402
 from models.llama import Transformer  # noqa: E402
 from tasks.data.chat_tokenizer import ChatTokenizer  # noqa: E402
-from tasks.eval import mmlu, mmlu_data  # noqa: E402
+from tasks.eval import mmlu, mmlu_data, mmlu_prompt  # noqa: E402
 
 MMLU_DIR = Path(__file__).resolve().parents[1] / "data" / "mmlu"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -58,7 +58,7 @@ def train_tokenizer(out: Path, vocab_size: int) -> ChatTokenizer:
 def hf_loop(hf, tok, data, one_forward: bool) -> list[list[float]]:
     out = []
     for it in data.items:
-        ctx_text, conts = mmlu.harness_prompt(it, data.shots[it.subject])
+        ctx_text, conts = mmlu_prompt.harness_prompt(it, data.shots[it.subject])
         ctx = [tok.bos_id] + tok.encode(ctx_text)
         cont_ids = [tok.encode(c) for c in conts]
         with torch.no_grad():
@@ -136,7 +136,7 @@ def main() -> None:
     assert diff < 1e-4, diff
     n = len(data.items)
     ctx_tokens = [
-        len(tok.encode(mmlu.harness_prompt(it, data.shots[it.subject])[0])) + 1 for it in data.items
+        len(tok.encode(mmlu_prompt.harness_prompt(it, data.shots[it.subject])[0])) + 1 for it in data.items
     ]
     print(
         json.dumps(

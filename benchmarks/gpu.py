@@ -331,7 +331,7 @@ def part_mmlu(s: Setup) -> dict[str, Any]:
 
     from benchmarks.eval import train_tokenizer
     from models.llama import Transformer
-    from tasks.eval import mmlu
+    from tasks.eval import mmlu, mmlu_prompt
 
     _, warm, repeats = s.steps["mmlu"]
     subjects, per_subject, vocab = (2, 3, 512) if s.dry_run else (8, 32, 4096)
@@ -354,7 +354,9 @@ def part_mmlu(s: Setup) -> dict[str, Any]:
         scores = run(items)
         sync()
         best = min(best, time.perf_counter() - t0)
-    ctx = [len(tok.encode(mmlu.harness_prompt(it, shots[it.subject][: s.k_shot])[0])) + 1 for it in items]
+    ctx = [
+        len(tok.encode(mmlu_prompt.harness_prompt(it, shots[it.subject][: s.k_shot])[0])) + 1 for it in items
+    ]
     return {
         "items_per_s": round(len(items) / best, 2),
         "items": len(items),

@@ -57,7 +57,7 @@ from tasks.core.io import sha256_file
 from tasks.core.stage import StageError, stage_main
 from tasks.data import verifiable
 from tasks.data.chat_tokenizer import ChatTokenizer
-from tasks.eval import mmlu, mmlu_data, perplexity, tasks_accuracy, winrate
+from tasks.eval import mmlu, mmlu_data, mmlu_prompt, perplexity, tasks_accuracy, winrate
 from tasks.eval.models import (
     LM_MODELS,
     available_models,
@@ -80,7 +80,7 @@ TASK_BATCH = 32
 def fewshot_policy(cfg: EvaluateConfig) -> str:
     """evaluate.fewshot_policy, checked: "truncate" (the harness) or "reduce" (see tasks/eval/mmlu.py)."""
     try:
-        return mmlu.check_fewshot_policy(cfg.fewshot_policy)
+        return mmlu_prompt.check_fewshot_policy(cfg.fewshot_policy)
     except ValueError as exc:
         raise StageError(f"evaluate.fewshot_policy: {exc}") from exc
 
@@ -193,7 +193,7 @@ def evaluate_model(
         "metrics": metrics,
         "scores": register_scores(metrics),
         "protocol": {
-            "mmlu": mmlu.protocol(data.k_shot, data.split, prepend_bos=bos, fewshot_policy=policy)
+            "mmlu": mmlu_prompt.protocol(data.k_shot, data.split, prepend_bos=bos, fewshot_policy=policy)
             | {"data_hash": data.data_hash, "tokenizer_fingerprint": tokenizer.fingerprint},
             "perplexity": {k: ppl[k] for k in ("window", "stride")}
             | {"max_tokens": cfg.ppl_max_tokens, "text": ppl["source"]},

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.eval import mmlu, mmlu_data
+from tasks.eval import mmlu, mmlu_data, mmlu_prompt
 from tests.helpers.evalhelpers import MMLU_DIR, SUBJECTS, hf_twin, needs_mmlu, tiny_model, train_tokenizer
 
 
@@ -64,9 +64,11 @@ def check_parity(model, hf, tok, data, max_len, monkeypatch) -> dict:
 @needs_mmlu
 def test_parity_single_token_choices_with_shared_prefix(bpe, tmp_path, monkeypatch):
     data = mmlu_data.load_mmlu(str(MMLU_DIR), "val", SUBJECTS, k_shot=5, max_items_per_subject=10)
-    assert all(len(bpe.encode(c)) == 1 for c in mmlu.PROTOCOL["choices"])  # the one-forward path
+    assert all(len(bpe.encode(c)) == 1 for c in mmlu_prompt.PROTOCOL["choices"])  # the one-forward path
     it = data.items[0]
-    assert mmlu.harness_prompt(it, data.shots[it.subject])[0] == reference_prompt(it, data.shots[it.subject])
+    assert mmlu_prompt.harness_prompt(it, data.shots[it.subject])[0] == reference_prompt(
+        it, data.shots[it.subject]
+    )
     model = tiny_model(1024, 2048)
     res = check_parity(model, hf_twin(model, bpe, tmp_path / "hf"), bpe, data, 2048, monkeypatch)
     assert res["n_truncated"] == 0 and res["n_items"] == len(data.items) == 30
@@ -147,9 +149,9 @@ def test_categories_cover_the_57_subjects_in_harness_groups():
 
 
 def test_protocol_is_recorded_with_k_split_and_bos():
-    p = mmlu.protocol(5, "test", prepend_bos=False)
+    p = mmlu_prompt.protocol(5, "test", prepend_bos=False)
     assert (p["k_shot"], p["split"], p["prepend_bos"]) == (5, "test", False)
-    assert mmlu.PROTOCOL["prepend_bos"] is True and p["choices"] == [" A", " B", " C", " D"]
+    assert mmlu_prompt.PROTOCOL["prepend_bos"] is True and p["choices"] == [" A", " B", " C", " D"]
     json.dumps(p)
 
 
@@ -157,7 +159,7 @@ def test_prompt_is_rendered_from_the_protocol_data():
     shot = mmlu_data.MMLUItem("high_school_physics", "Unit of force?", ("J", "N", "W", "Pa"), 1)
     item = mmlu_data.MMLUItem("high_school_physics", " Unit of power? ", ("J", "N", "W", "Pa"), 2)
     custom = {
-        **mmlu.PROTOCOL,
+        **mmlu_prompt.PROTOCOL,
         "description": "Quiz: {subject}\n",
         "subject_format": {"replace": "_", "by": "-"},
         "example": "Q: {question}{options}\n=>",
@@ -167,14 +169,14 @@ def test_prompt_is_rendered_from_the_protocol_data():
         "target_delimiter": "  ",
         "fewshot_delimiter": "\n--\n",
     }
-    context, conts = mmlu.harness_prompt(item, [shot], custom)
+    context, conts = mmlu_prompt.harness_prompt(item, [shot], custom)
     assert context == (
         "Quiz: high-school-physics\n"
         "Q: Unit of force? (1) J (2) N (3) W (4) Pa\n=>  2\n--\n"
         "Q:  Unit of power?  (1) J (2) N (3) W (4) Pa\n=>"
     )
     assert conts == ["  1", "  2", "  3", "  4"]
-    default, _ = mmlu.harness_prompt(item, [shot])
+    default, _ = mmlu_prompt.harness_prompt(item, [shot])
     assert default == reference_prompt(item, [shot])
 
 
@@ -279,9 +281,9 @@ def test_reduce_policy_uses_the_most_shots_that_fit_and_records_them(bpe):
     assert cut["k_used"] == [5] * len(data.items) and cut["n_reduced"] == 0
     assert cut["truncated_tokens"] == [len(prompt_ids(it, 5)) - max_len for it in data.items]
     assert cut["n_truncated"] == len(data.items)
-    ctx, conts = mmlu.encode_requests(bpe, ["x\nAnswer:  "], mmlu.PROTOCOL["choices"])[0]
+    ctx, conts = mmlu.encode_requests(bpe, ["x\nAnswer:  "], mmlu_prompt.PROTOCOL["choices"])[0]
     assert ctx == bpe.encode("x\nAnswer:") and conts == [
-        bpe.encode("  " + c) for c in mmlu.PROTOCOL["choices"]
+        bpe.encode("  " + c) for c in mmlu_prompt.PROTOCOL["choices"]
     ]
 
 

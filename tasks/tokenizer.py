@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,37 @@ def check_config(cfg: TokenizerConfig) -> None:
         raise StageError(f"tokenizer special tokens must be distinct, got {specials(cfg)}")
 
 
-def iter_text(path: Path, column: str = "text", batch_rows: int = BATCH_ROWS) -> Iterator[list[str]]:
-    """Batches of non-null strings from one parquet column, without loading the file."""
+@dataclass
+class TextBudget:
+    """What iter_text took: whole documents in file order until `max_chars` characters (0 = no cap)."""
+
+    max_chars: int = 0
+    docs: int = 0
+    chars: int = 0
+
+    @property
+    def spent(self) -> bool:
+        return 0 < self.max_chars <= self.chars
+
+
+def iter_text(
+    path: Path, column: str = "text", batch_rows: int = BATCH_ROWS, budget: TextBudget | None = None
+) -> Iterator[list[str]]:
+    """Batches of non-null strings from one parquet column, without loading the file. With a budget, stops
+    after the document that reaches budget.max_chars (so the same file and cap give the same documents) and
+    counts what it yielded."""
+    budget = TextBudget() if budget is None else budget
     pf = stream_parquet(path)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
-        yield [t for t in batch.column(0).to_pylist() if t]
+        texts = []
+        for t in batch.column(0).to_pylist():
+            if t and not budget.spent:
+                texts.append(t)
+                budget.docs, budget.chars = budget.docs + 1, budget.chars + len(t)
+        if texts:
+            yield texts
+        if budget.spent:
+            return
 
 
 def train_tokenizer(
@@ -119,10 +146,23 @@ def run(params: Params, tracker: Any = None) -> dict[str, Any]:
     rows = pq.ParquetFile(source).metadata.num_rows
     if rows == 0:
         raise StageError(f"dataset pretrain: {source} has no rows to train the tokenizer on")
-    tok = train_tokenizer(iter_text(source), cfg, length=rows)
+    budget = TextBudget(cfg.max_chars)
+    tok = train_tokenizer(iter_text(source, budget=budget), cfg, length=rows)
     with atomic_path(paths.TOKENIZER_DIR) as tmp:
         fingerprint = save_tokenizer(tok, tmp, special_tokens(cfg))
-    metrics = {"tokenizer/vocab_size": fingerprint["vocab_size"], "tokenizer/train_docs": rows}
+    metrics = {
+        "tokenizer/vocab_size": fingerprint["vocab_size"],
+        "tokenizer/train_docs": budget.docs,
+        "tokenizer/train_chars": budget.chars,
+        "tokenizer/corpus_docs": rows,
+    }
+    if budget.spent:
+        log.info(
+            "tokenizer: trained on the first %d of %d documents (max_chars %d)",
+            budget.docs,
+            rows,
+            cfg.max_chars,
+        )
     write_json(paths.METRICS / "tokenizer.json", metrics)
     log.info("tokenizer: vocab %d, fingerprint %s", fingerprint["vocab_size"], fingerprint["sha256"][:12])
     if tracker is not None:

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import encode, ingest, tokenizer
+from tasks.core.checks import check_params
 from tasks.core.config import Params
 from tasks.core.stage import StageError
-from tasks.core.strict import build
+from tasks.core.strict import ConfigError, build
 from tasks.data import shards
 from tasks.data.chat_tokenizer import ChatTokenizer, TokenizerMismatch
 from tasks.data.shards import check_tokens, load_shard, token_dtype
@@ -74,6 +75,34 @@ def test_tokenizer_vocab_too_small_fails_before_writing(ws):
     with pytest.raises(StageError, match=r"vocab_size=263 is too small.*must be > 263"):
         tokenizer.run(make_params(tokenizer={"vocab_size": 263}), None)
     assert tree_hashes(ws / "data" / "tokenizer") == before
+
+
+def test_tokenizer_max_chars_trains_on_the_first_whole_documents_only(ws):
+    docs = [t for t in pq.read_table("data/validated/pretrain.parquet").column("text").to_pylist() if t]
+    cap = sum(len(t) for t in docs[:5]) - 1  # reached inside the 5th document: it is still taken whole
+    budget = tokenizer.TextBudget(cap)
+    taken = [
+        t
+        for batch in tokenizer.iter_text(ws / "data/validated/pretrain.parquet", batch_rows=2, budget=budget)
+        for t in batch
+    ]
+    assert taken == docs[:5] and (budget.docs, budget.chars) == (5, cap + 1) and budget.spent
+
+    metrics = json.loads(
+        (ws / "data/metrics/tokenizer.json").read_text()
+    )  # the fixture's run: no cap reached
+    assert metrics["tokenizer/train_docs"] == metrics["tokenizer/corpus_docs"] == len(docs)
+    tokenizer.run(make_params(tokenizer={"vocab_size": 300, "max_chars": cap}), None)
+    metrics = json.loads((ws / "data/metrics/tokenizer.json").read_text())
+    assert (metrics["tokenizer/train_docs"], metrics["tokenizer/train_chars"]) == (5, cap + 1)
+    # the same tokenizer as training on exactly those five documents
+    alone = tokenizer.train_tokenizer(iter([docs[:5]]), make_params(tokenizer={"vocab_size": 300}).tokenizer)
+    assert (
+        json.loads((ws / "data/tokenizer/tokenizer.json").read_text())["model"]
+        == json.loads(alone.to_str())["model"]
+    )
+    with pytest.raises(ConfigError, match=r"tokenizer.max_chars"):
+        check_params(make_params(tokenizer={"max_chars": -1}))
 
 
 # -------------------------------------------------------------------------------------------- encode
@@ -207,8 +236,9 @@ DETERMINISM = """
 import json, shutil, sys
 from pathlib import Path
 from tasks import encode, ingest, tokenizer
+from tasks.core.checks import check_params
 from tasks.core.config import Params
-from tasks.core.strict import build
+from tasks.core.strict import ConfigError, build
 params = build(Params, json.loads(sys.argv[1]))
 ingest.run(params, None)
 shutil.copytree("data/raw", "data/validated")  # validate copies these bytes (tested above); GX skipped here

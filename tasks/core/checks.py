@@ -127,6 +127,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "validate.min_printable_ratio": RATIO,
     "validate.max_chars": NON_NEGATIVE,
     "tokenizer.min_frequency": AT_LEAST_1,
+    "tokenizer.max_chars": NON_NEGATIVE,
     "dpo.beta": POSITIVE,
     "dpo.loss_type": _one_of("sigmoid", "ipo"),
     "dpo.label_smoothing": (lambda v: _finite(v) and 0 <= v < 0.5, "in [0, 0.5)"),

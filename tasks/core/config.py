@@ -112,6 +112,10 @@ class ValidateConfig:
 class TokenizerConfig:
     vocab_size: int = 4096
     min_frequency: int = 2
+    # BPE is trained on at most this many characters of the pretrain text (whole documents, in file order;
+    # 0 = all of it): the trainer's memory grows with the distinct words it sees, so a cap keeps the stage's
+    # peak RSS flat however large the corpus is. Merge statistics settle long before a few hundred MB.
+    max_chars: int = 200_000_000
     bos_token: str = "<|bos|>"
     eos_token: str = "<|eos|>"
     pad_token: str = "<|pad|>"

@@ -6,8 +6,10 @@ the same `datasets.load_dataset` call). Rows are streamed and never materialised
 
 Per row, in order: field extraction (missing_field / wrong_type), identical chosen/rejected, length
 (too_short / too_long), printable ratio (non_printable), exact dedup by sha256 of the normalised text
-(duplicate), near-duplicate removal when ingest.near_dup.enabled (near_duplicate: MinHash LSH against the
-rows kept so far, tasks/data/neardup.py), then caps. Reading stops at the first row over a cap; that row counts as dropped `cap`.
+(duplicate; the digests live on disk, tasks/data/dedup.py, so memory does not grow with the rows),
+near-duplicate removal when ingest.near_dup.enabled (near_duplicate: MinHash LSH against the rows kept so
+far, tasks/data/neardup.py), then caps. Reading stops at the first row over a cap; that row counts as
+dropped `cap`.
 Problems with the source as a whole (no such path, no such field, a non-text column type, bad bytes, a
 corrupt file, no rows, nothing left) raise StageError, and data/raw/ is swapped in only when all three
 datasets succeeded, so a failed run leaves the previous outputs untouched.
@@ -32,6 +34,7 @@ from tasks.core import paths
 from tasks.core.config import IngestConfig, Params, SourceConfig
 from tasks.core.io import atomic_path, write_json
 from tasks.core.stage import StageError, stage_main
+from tasks.data.dedup import SeenDigests
 from tasks.data.neardup import NearDuplicates
 from tasks.data.records import EXTRACTORS, SCHEMAS, preview
 from tasks.data.sources import (
@@ -225,7 +228,7 @@ def filter_reasons(arr: pa.Array, pre: list[str | None], cfg: IngestConfig) -> t
 def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -> Counts:
     """Filter source rows into the parquet file `out`; returns the counts. Pure apart from `out`."""
     cap, max_bytes = dataset_cap(dataset, cfg), cfg.max_bytes if dataset == "pretrain" else 0
-    counts, seen, index = Counts(), set(), 0
+    counts, index = Counts(), 0
     near = NearDuplicates(cfg.near_dup) if cfg.near_dup.enabled else None
     if dataset == "pretrain" and source.dataset is not None and string_column(source):
         chunks = _prefetched(_arrow_chunks(source, cfg.read_workers))
@@ -234,9 +237,12 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
             dataset, source, cfg, lambda: min(cap - counts.rows_kept + 1 if cap else ROW_GROUP, ROW_GROUP)
         )
     writer, ok = RowGroupWriter(out, SCHEMAS[dataset]), False
+    seen = SeenDigests(out.parent)  # the digests of the rows so far, on disk: memory does not grow with them
     try:
         for arr, pre, row, build in chunks:
             reasons, digests = filter_reasons(arr, pre, cfg)
+            todo = [i for i, reason in enumerate(reasons) if reason is None]
+            first = dict(zip(todo, seen.first_occurrences([digests[i] for i in todo]), strict=True))
             nbytes = pc.binary_length(arr).fill_null(0).to_numpy(zero_copy_only=False).tolist()
             kept: list[int] = []
             for i, reason in enumerate(reasons):
@@ -244,8 +250,7 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
                 if cap and counts.rows_kept >= cap:
                     reason = "cap"
                 elif reason is None:
-                    reason = "duplicate" if digests[i] in seen else None
-                    seen.add(digests[i])
+                    reason = None if first[i] else "duplicate"
                     if reason is None and near is not None and near.seen(arr[i].as_py()):
                         reason = "near_duplicate"
                     if reason is None and max_bytes and counts.bytes_kept + nbytes[i] > max_bytes:
@@ -271,6 +276,7 @@ def ingest_dataset(dataset: str, source: Source, cfg: IngestConfig, out: Path) -
             f"{type(exc).__name__}: {exc}"
         ) from exc
     finally:
+        seen.close()
         writer.close(ok)
     if counts.rows_in == 0:
         raise StageError(f"dataset {dataset}: {source.description} is empty (no rows)")

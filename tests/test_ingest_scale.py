@@ -144,3 +144,24 @@ def test_ordered_batches_keeps_order_and_stops_its_threads(tmp_path):
     next(early)
     early.close()  # a consumer that stops (a cap) ends the readers that wait on a full queue
     assert not [t for t in threading.enumerate() if t.name.startswith("ingest-shard")]
+
+
+def test_disk_backed_dedup_answers_as_a_set_and_leaves_no_file(tmp_path):
+    """Duplicates within a chunk, across chunks and across the QUERY_PARAMS batching of one chunk: every
+    answer equals checking an in-memory set, then adding to it; the SQLite file is gone after close."""
+    from tasks.data.dedup import QUERY_PARAMS, SeenDigests
+
+    rng = random.Random(7)
+    pool = [rng.randbytes(32) for _ in range(2 * QUERY_PARAMS)]
+    chunks = [[rng.choice(pool) for _ in range(n)] for n in (5, 1, QUERY_PARAMS * 3, 0, 700)]
+    reference: set[bytes] = set()
+    with SeenDigests(tmp_path) as seen:
+        for chunk in chunks:
+            expected = []
+            for d in chunk:
+                expected.append(d not in reference)
+                reference.add(d)
+            assert seen.first_occurrences(chunk) == expected
+        assert seen.count == len(reference) < sum(map(len, chunks))
+        assert len(list(tmp_path.iterdir())) == 1
+    assert list(tmp_path.iterdir()) == []

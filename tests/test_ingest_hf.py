@@ -67,8 +67,10 @@ def hf(hub: Path, **kw) -> dict:
     return {"kind": "hf", "hf_id": str(hub), **kw}
 
 
-def params(pretrain: dict, root: Path):
-    return make_params({"pretrain": pretrain, **small_chat_sources(root), "max_documents": 0})
+def params(pretrain: dict, root: Path, read_workers: int = 1):
+    return make_params(
+        {"pretrain": pretrain, **small_chat_sources(root), "max_documents": 0, "read_workers": read_workers}
+    )
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -113,7 +115,7 @@ def test_a_bad_hf_source_is_named_before_any_row_is_written(ws, hub, change, con
 def test_a_shard_breaking_mid_stream_fails_naming_the_row_and_keeps_the_outputs(ws, hub):
     before = tree_hashes(ws / "data")
     with pytest.raises(StageError) as err:
-        ingest.run(params(hf(hub, hf_config="broken"), ws), None)
+        ingest.run(params(hf(hub, hf_config="broken"), ws, read_workers=2), None)
     message = str(err.value)
     assert message.startswith(f"dataset pretrain: reading hf {hub}[broken] split train failed after row "), (
         message

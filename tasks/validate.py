@@ -41,7 +41,14 @@ from tasks.core import paths  # noqa: E402
 from tasks.core.config import Params, ValidateConfig  # noqa: E402
 from tasks.core.io import atomic_path, stream_parquet, write_json  # noqa: E402
 from tasks.core.stage import StageError, stage_main  # noqa: E402
-from tasks.data.gx_batches import Duplicates, Tally, gx_context, map_result, store_result  # noqa: E402
+from tasks.data.gx_batches import (  # noqa: E402
+    Duplicates,
+    Tally,
+    gx_context,
+    map_result,
+    return_free_memory,
+    store_result,
+)
 from tasks.data.textclean import printable_ratio  # noqa: E402
 
 log = logging.getLogger("tasks.validate")  # not __name__: under `python -m` that is "__main__"
@@ -287,6 +294,8 @@ def validate_dataset(
             if dup.column in frame:
                 dup.add(frame)
         total, batches = total + len(frame), batches + 1
+        del raw, out
+        return_free_memory()  # else the allocators' high-water mark grows batch after batch
 
     outcome = [tally.combined() for tally in tallies]  # (success, result, exception_info) per spec
     duplicated: dict[int, Any] = {}
@@ -297,6 +306,8 @@ def validate_dataset(
         elif name == UNIQUE and kwargs["column"] in frame:  # else GX's own error, from the batches
             duplicated[i] = uniques[i].rows()
             outcome[i] = (not len(duplicated[i]), {}, dict(NO_EXCEPTION))
+    for dup in uniques.values():
+        dup.close()
 
     # the example rows of every failure, read again (only on failure) by row number
     wanted = {int(r) for d in duplicated.values() for r in d[:MAX_EXAMPLES]}

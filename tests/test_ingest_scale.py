@@ -165,3 +165,20 @@ def test_disk_backed_dedup_answers_as_a_set_and_leaves_no_file(tmp_path):
         assert seen.count == len(reference) < sum(map(len, chunks))
         assert len(list(tmp_path.iterdir())) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_backed_digest_rows_finds_every_row_of_a_repeated_digest(tmp_path):
+    from tasks.data.dedup import DigestRows
+
+    rng = random.Random(3)
+    pool = [rng.randbytes(16) for _ in range(300)]
+    batches = [[rng.choice(pool) for _ in range(n)] for n in (200, 1, 0, 250)]
+    with DigestRows(tmp_path) as table:
+        row = 0
+        for batch in batches:
+            table.add(batch, range(row, row + len(batch)))
+            row += len(batch)
+        flat = [d for batch in batches for d in batch]
+        expected = [i for i, d in enumerate(flat) if flat.count(d) > 1]
+        assert table.duplicated_rows() == expected and 0 < len(expected) < len(flat)
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ data/validated/ is then left as it was.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -283,6 +284,7 @@ def validate_dataset(
     rows = batch_rows(pf, cfg.batch_mb)
     total, batches, order = 0, 0, []
     first: Any = None  # the first batch's suite result
+    gc.freeze()  # the imports' and GX's objects: the collections between batches skip them (CPU)
     for raw in iter_frames(dataset, pf, rows):
         frame = add_helper_columns(dataset, raw)
         out = check(frame, row_suite if first is not None else first_suite)
@@ -296,6 +298,7 @@ def validate_dataset(
         total, batches = total + len(frame), batches + 1
         del raw, out
         return_free_memory()  # else the allocators' high-water mark grows batch after batch
+    gc.unfreeze()
 
     outcome = [tally.combined() for tally in tallies]  # (success, result, exception_info) per spec
     duplicated: dict[int, Any] = {}

@@ -5,6 +5,7 @@ generator seeded from (seed, step, micro_step). Two batch layouts for SFT:
 - right padding (`lm_batch`): with causal attention a pad after the sequence cannot leak into it;
 - packing (`pack` + `packed_batch`): several conversations per row, with `doc_ids` so that attention is
   block-diagonal (models.llama) and positions restart at each conversation: no leak across examples.
+Preference pairs are padded (`pair_batch`) or packed the same way (`packed_pair_batch`, dpo.packing).
 """
 
 from __future__ import annotations

@@ -309,6 +309,11 @@ class Transformer(nn.Module):
                     f"doc_ids shape {tuple(doc_ids.shape)} != tokens shape {tuple(tokens.shape)}"
                 )
             positions = document_positions(doc_ids)
+            # A dense bool mask, chosen by measurement (benchmarks/packing.py, torch 2.13, 2-core EPYC): on
+            # CPU SDPA runs its fused flash kernel with a mask, forward and backward, as fast as plain causal;
+            # SDPA per document span (a varlen loop) or on the documents gathered into a padded batch was
+            # 2-5x slower, and flex_attention has no CPU backward. On CUDA the mask leaves flash attention
+            # (the memory-efficient kernel takes it): not measured here.
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = (same_doc & causal)[:, None]  # [B, 1, T, T]; the diagonal is always True, so no NaN rows

@@ -112,7 +112,8 @@ def test_dpo_with_lora_scores_the_reference_with_adapters_disabled(tmp_path: Pat
         params = load_params(root / "params.yaml")
         pairs = chat_data.preference_pairs(tok, params.dpo.seq_len)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params.dpo.train.bf16):
-            expected = reference_logps(sft.eval(), pairs, tok.pad_id, batch_size=16)
+            pack_width = min(params.dpo.seq_len, sft.config.max_seq_len) if params.dpo.packing else 0
+            expected = reference_logps(sft.eval(), pairs, tok.pad_id, batch_size=16, pack_width=pack_width)
     cached = load_file(str(root / paths.STATE / "dpo" / "reference_logps.safetensors"))["logps"]
     assert (cached - expected).abs().max().item() < 1e-4
     ok(stage(root, "dpo"))

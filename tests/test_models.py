@@ -283,6 +283,23 @@ def test_doc_ids_isolate_packed_documents() -> None:
     assert (leaky[:, 13:] - alone2).abs().max() > 1e-3  # without doc_ids doc 2 does see doc 1
 
 
+def test_packed_rows_train_through_the_fused_cpu_attention_kernel() -> None:
+    """The doc_ids mask keeps SDPA's fused flash kernel on CPU, forward and backward (why models/llama.py
+    keeps the dense mask: benchmarks/packing.py); a change that made SDPA fall back to its unfused math path
+    would show as aten::_scaled_dot_product_attention_math."""
+    from torch.profiler import profile
+
+    model = tiny_model()
+    tokens = random_tokens(2, 30, seed=5)
+    doc_ids = torch.tensor([[0] * 13 + [1] * 17, [0] * 30])
+    with profile() as prof:
+        model(tokens, doc_ids=doc_ids).float().sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 # ---------------------------------------------------------------------- training sanity
 
 

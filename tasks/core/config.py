@@ -257,6 +257,9 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid | ipo
     label_smoothing: float = 0.0
     reference: str = "sft"  # checkpoint under data/checkpoints/ used as the frozen reference
+    packing: bool = (
+        False  # pack each batch's chosen/rejected sequences into seq_len rows (doc_ids) instead of padding
+    )
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, min_lr=1e-6))
 

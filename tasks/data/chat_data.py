@@ -5,6 +5,7 @@ generator seeded from (seed, step, micro_step). Two batch layouts for SFT:
 - right padding (`lm_batch`): with causal attention a pad after the sequence cannot leak into it;
 - packing (`pack` + `packed_batch`): several conversations per row, with `doc_ids` so that attention is
   block-diagonal (models.llama) and positions restart at each conversation: no leak across examples.
+Preference pairs are padded (`pair_batch`) or packed the same way (`packed_pair_batch`, dpo.packing).
 """
 
 from __future__ import annotations
@@ -187,6 +188,59 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     mask = pad(masks, 0, fill=0)[:, : tokens.shape[1] - 1].float()
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     return {"tokens": tokens, "mask": mask, "lengths": lengths}
+
+
+def packed_pair_batch(pairs: list[Pair], pad_id: int, width: int) -> dict[str, torch.Tensor]:
+    """The 2B sequences of `pair_batch` (chosen rows then rejected rows; sequence j) packed first-fit
+    decreasing into rows as wide as the longest of them (at most width + 1 tokens), so a batch costs about
+    its real tokens instead of 2B times the longest. x [R,W] inputs, y [R,W] targets (IGNORE on pads), doc_ids [R,W] (block-diagonal attention,
+    positions restarting per sequence; -1 on pads), seq [R,W]: the sequence j whose response token the
+    target at that position is, -1 elsewhere (prompt, a sequence's last token, pads), lengths [2B].
+
+    Summing the target log-probs by `seq` gives sequence j's response log-prob of `pair_batch` (the same
+    tokens at the same positions, attention restricted to the sequence): tests/test_losses.py checks it."""
+    seqs, n_prompt = [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            seqs.append(p.prompt + getattr(p, side))
+            n_prompt.append(len(p.prompt))
+    longest = max(len(s) for s in seqs)
+    if longest > width + 1:
+        raise ValueError(f"a pair sequence of {longest} tokens exceeds width + 1 = {width + 1}")
+    # Rows no wider than the padded layout's (the longest sequence): packing then only removes rows, and
+    # attention, quadratic in the row width, never costs more than padded.
+    width = longest - 1
+    # First-fit decreasing: longest first, each into the first row with room (ties keep sequence order).
+    rows: list[list[int]] = []  # sequence indices per row
+    room: list[int] = []
+    for j in sorted(range(len(seqs)), key=lambda j: -len(seqs[j])):
+        r = next((r for r, left in enumerate(room) if left >= len(seqs[j])), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width + 1)
+        rows[r].append(j)
+        room[r] -= len(seqs[j])
+    xs, ys, docs, owners = [], [], [], []
+    for row in rows:
+        ids, doc, owner = [], [], []  # owner: per token, the sequence whose response the NEXT token is
+        for d, j in enumerate(row):
+            n = len(seqs[j])
+            ids += seqs[j]
+            doc += [d] * n
+            # token i (0-based) predicts token i+1, a response token when i+1 >= prompt length; the last
+            # token of a sequence predicts the next sequence's first token: no owner.
+            owner += [j if n_prompt[j] <= i + 1 < n else -1 for i in range(n)]
+        xs.append(ids[:-1])
+        ys.append([t if o >= 0 else IGNORE for t, o in zip(ids[1:], owner[:-1], strict=True)])
+        docs.append(doc[:-1])
+        owners.append(owner[:-1])
+    return {
+        "x": pad(xs, pad_id),
+        "y": pad(ys, pad_id, fill=IGNORE),
+        "doc_ids": pad(docs, -1, fill=-1),
+        "seq": pad(owners, -1, fill=-1),
+        "lengths": torch.tensor([len(s) for s in seqs], dtype=torch.long),
+    }
 
 
 def accuracy_by_kind(wins: list[float], kinds: list[str], prefix: str) -> dict[str, float]:

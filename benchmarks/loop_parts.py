@@ -7,7 +7,8 @@ in turn, on the same gradients:
 - DeepSpeed's stage-0 gradient all-reduce (`engine.allreduce_gradients`) on a group of one, which the loop
   now skips on one process;
 - gradient clipping: DeepSpeed's `clip_grad_norm_` and torch's (default and foreach);
-- torch.optim.AdamW: the CPU default (a loop over parameters), foreach=True and fused=True.
+- torch.optim.AdamW: the CPU default (a loop over parameters), foreach=True and fused=True;
+- then one forward+backward under torch.profiler: the top operators by self CPU time (share of the total).
 
     .venv/bin/python benchmarks/loop_parts.py [--rounds 5]
 
@@ -82,6 +83,13 @@ def main() -> None:
             fn()
             if r > 0:
                 ms[name].append(round(1000 * (time.perf_counter() - t0), 2))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward_backward()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    top_ops = {e.key: round(e.self_cpu_time_total / total, 3) for e in ops[:12]}
     result = {
         "benchmark": "loop_parts",
         "cpu": cpu_name(),
@@ -93,6 +101,7 @@ def main() -> None:
         "ms": {
             k: {"median": round(statistics.median(v), 2), "min": min(v), "max": max(v)} for k, v in ms.items()
         },
+        "forward_backward_top_ops_self_cpu_share": top_ops,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result))

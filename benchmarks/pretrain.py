@@ -3,10 +3,12 @@
 Model: 6 layers, d_model 384, 6 heads, context 256, vocab 8192; micro-batch 16 x 256 tokens. Measured in
 one run, after warm-up steps, on the same machine and thread count:
 
-- "ours": the real `train()` path (DeepSpeed engine, ZeRO-1, bf16 autocast on CPU / DeepSpeed bf16 on
-  GPU, grad clipping, LambdaLR), tokens/s and MFU as the loop itself logs them to MLflow;
-- "plain_fp32": nanoGPT-style eager loop of the same model, AdamW, fp32, no autocast;
-- "plain_bf16": the same eager loop under bf16 autocast (so ours / plain_bf16 = DeepSpeed's overhead);
+- "ours": the real `train()` path (DeepSpeed engine: ZeRO-1 in params, stage 0 on one process; bf16
+  autocast on CPU / DeepSpeed bf16 on GPU; fused AdamW, grad clipping, LambdaLR), tokens/s and MFU as the
+  loop itself logs them to MLflow;
+- "plain_fp32": nanoGPT-style eager loop of the same model, torch AdamW (its default), fp32, no autocast;
+- "plain_bf16": the same eager loop under bf16 autocast (so ours / plain_bf16 = what the engine adds or
+  saves: benchmarks/loop_parts.py times those parts one by one);
 - MFU = model FLOPs (Transformer.flops_per_token: 6N + attention) / bf16 matmul peak measured here
   (best of a few 4096 x 4096 bf16 matmuls on CPU, 8192 on GPU);
 - --ranks: ZeRO-2 on 2 processes (torchrun, gloo on CPU) vs 1 process, equal global batch;

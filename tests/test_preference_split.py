@@ -70,6 +70,11 @@ def test_split_by_group_keeps_groups_whole_and_the_val_size():
     # Without groups: the seeded row permutation, as before (sft, and rows of any source).
     order = np.random.default_rng(5).permutation(10)
     assert chat_data.split(10, 0.3, 5)[1].tolist() == sorted(order[:3].tolist())
+    # Rows of a source that names no object are groups of their own: the same split as without groups.
+    alone = chat_data.pair_groups([f"files data/pairs.jsonl#{i}" for i in range(10)])
+    assert [x.tolist() for x in chat_data.split(10, 0.3, 5, alone)] == [
+        x.tolist() for x in chat_data.split(10, 0.3, 5)
+    ]
     # One group larger than val's share and nothing else fits: the smallest group that leaves training rows.
     train, val = chat_data.split(4, 0.25, 0, ["x", "x", "y", "y"])
     assert len(val) == 2 and len(train) == 2

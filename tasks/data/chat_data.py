@@ -94,8 +94,10 @@ def split(
     Without `groups`, a seeded permutation of the rows. With `groups` (one label per row, `pair_groups`),
     whole groups: a seeded permutation of the labels, each group taken into val while it fits in the
     round(n * val_fraction) rows val gets (so val has exactly that many rows when small groups can fill
-    it); no group is on both sides."""
+    it); no group is on both sides. Rows that are all groups of their own get the row split itself."""
     n_val = min(n - 1, max(1, int(round(n * val_fraction)))) if n >= 2 else 0
+    if groups is not None and len(groups) == n and len(set(groups)) == n:
+        groups = None  # every row a group of its own (no source names an object): exactly the row split
     if groups is None:
         order = np.random.default_rng(seed).permutation(n)
         return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -98,7 +98,8 @@ class DirectPreference:
             raise StageError(
                 f"cached reference log-probs have shape {tuple(ref.shape)}, expected ({len(pairs)}, 2)"
             )
-        self.train_idx, self.val_idx = chat_data.split(len(pairs), cfg.val_fraction, cfg.train.seed)
+        groups = [p.group for p in pairs]  # split by object, as the reward stage splits
+        self.train_idx, self.val_idx = chat_data.split(len(pairs), cfg.val_fraction, cfg.train.seed, groups)
         self.pairs, self.ref, self.cfg, self.pad_id = pairs, ref, cfg, pad_id
         self.pack_width = pack_width  # > 0: packed rows of this width (dpo.packing), else padded rows
         self.rank = int(os.environ.get("RANK", "0"))

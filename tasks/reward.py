@@ -3,7 +3,14 @@
 The reward of a (prompt, response) is the head's value at the last real token. Held-out metrics:
 accuracy (reward chosen > reward rejected), mean margin, reward mean and std, and, when the pairs say how
 their rejected answer was made (the embedded data: other / truncated / shuffled), the accuracy per kind
-(`val/accuracy/<kind>`), so that an overall figure never hides a kind of pair the model does not learn.
+(`val/accuracy/<kind>`), so that an overall figure never hides a kind of pair the model does not learn,
+and beside it the name-overlap rule's accuracy on the same held-out pairs (`val/name_overlap/<kind>`,
+chat_data.name_overlap: no model, the answer holding more of the question's name words wins), the bar a
+model that matches answers to questions must clear on `other` pairs.
+
+Pairs are split by object (chat_data.pair_groups): every pair about an object, and every pair whose
+rejected answer is that object's paragraph, lies on one side, so a held-out `other` pair asks about an
+object, and offers paragraphs, that no training pair showed.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ class PreferenceRanking:
     ) -> None:
         if len(pairs) < 2:
             raise StageError(f"{paths.validated('preference')} has {len(pairs)} pairs; need at least 2")
-        train_idx, val_idx = chat_data.split(len(pairs), val_fraction, seed)
+        train_idx, val_idx = chat_data.split(len(pairs), val_fraction, seed, [p.group for p in pairs])
         self.train = [pairs[i] for i in train_idx]
         self.val = [pairs[i] for i in val_idx]
         self.pad_id, self.batch_size, self.seed, self.eval_batches = pad_id, batch_size, seed, eval_batches
@@ -84,9 +91,14 @@ class PreferenceRanking:
             rejected.append(r)
         c, r = torch.cat(chosen), torch.cat(rejected)
         wins = (c > r).float().tolist()
-        by_kind = chat_data.accuracy_by_kind(wins, [p.kind for p in self.val], "val/accuracy")
+        kinds = [p.kind for p in self.val]
+        by_kind = chat_data.accuracy_by_kind(wins, kinds, "val/accuracy")
+        baseline = chat_data.accuracy_by_kind([p.overlap for p in self.val], kinds, "val/name_overlap")
         return (
-            {f"val/{k}": v for k, v in reward_metrics(c, r).items()} | {"val/pairs": float(len(c))} | by_kind
+            {f"val/{k}": v for k, v in reward_metrics(c, r).items()}
+            | {"val/pairs": float(len(c))}
+            | by_kind
+            | baseline
         )
 
     def tokens_in(self, batch: Batch) -> int:

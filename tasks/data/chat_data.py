@@ -46,10 +46,14 @@ class Pair:
     chosen: list[int]  # response ids (ending with <|end|>)
     rejected: list[int]
     kind: str = ""  # how the rejected answer was made, when the source says (embedded: other|truncated|...)
+    group: str = ""  # the pairs sharing an object share a group (`pair_groups`); "" = the pair alone
+    overlap: float = 0.5  # the name-overlap rule's verdict (`name_overlap`): 1 right, 0 wrong, 0.5 tie
 
 
 # Embedded pairs record the kind of rejected answer in `source`: "embedded:<qual>|<kind>:<qual>".
 _KIND = re.compile(r"^embedded:[^|]*\|(\w+):")
+# ... and the objects it is about: the question's and the rejected paragraph's (the same for truncated/shuffled).
+_OBJECTS = re.compile(r"^embedded:([^|]*)\|\w+:(.*)$")
 
 
 def rejected_kind(source: object) -> str:
@@ -57,24 +61,81 @@ def rejected_kind(source: object) -> str:
     return match.group(1) if match else ""
 
 
-def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/val indices; val gets at least one item when n >= 2."""
-    order = np.random.default_rng(seed).permutation(n)
+def pair_groups(sources: Sequence[object]) -> list[str]:
+    """A group label per preference row: rows linked by an object share one. A row links the object it
+    asks about and the object whose paragraph its rejected answer is, and links chain (A-B in one row,
+    B-C in another: A, B and C in one group). Split by these groups, no object's paragraph is a chosen or
+    a rejected answer on both sides, so held-out accuracy measures what the model generalises, not what it
+    memorised. A row whose source names no object (not embedded data) is a group of its own ("#<row>")."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    objects = []
+    for source in sources:
+        match = _OBJECTS.match(source) if isinstance(source, str) else None
+        objects.append(match.groups() if match else None)
+        if match:
+            a, b = root(match.group(1)), root(match.group(2))
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the smallest name is the root: labels do not depend on order
+    return [root(o[0]) if o else f"#{i}" for i, o in enumerate(objects)]
+
+
+def split(
+    n: int, val_fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/val indices; val gets at least one item when n >= 2.
+
+    Without `groups`, a seeded permutation of the rows. With `groups` (one label per row, `pair_groups`),
+    whole groups: a seeded permutation of the labels, each group taken into val while it fits in the
+    round(n * val_fraction) rows val gets (so val has exactly that many rows when small groups can fill
+    it); no group is on both sides. Rows that are all groups of their own get the row split itself."""
     n_val = min(n - 1, max(1, int(round(n * val_fraction)))) if n >= 2 else 0
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    if groups is not None and len(groups) == n and len(set(groups)) == n:
+        groups = None  # every row a group of its own (no source names an object): exactly the row split
+    if groups is None:
+        order = np.random.default_rng(seed).permutation(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group labels for {n} rows")
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    labels = sorted(members)
+    val: list[int] = []
+    for j in np.random.default_rng(seed).permutation(len(labels)):
+        rows = members[labels[j]]
+        if len(val) + len(rows) <= n_val:
+            val += rows
+        if len(val) == n_val:
+            break
+    if not val and n >= 2:  # every group is larger than val's share: the smallest, if it leaves training rows
+        smallest = min(labels, key=lambda g: (len(members[g]), g))
+        val = members[smallest] if len(members[smallest]) < n else []
+    held = np.zeros(n, dtype=bool)
+    held[val] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def rlhf_split(
-    cfg: RLHFConfig, prompt_lengths: Sequence[int], max_seq_len: int
+    cfg: RLHFConfig, prompt_lengths: Sequence[int], max_seq_len: int, groups: Sequence[str] | None = None
 ) -> tuple[list[int], list[int]]:
     """The preference rows the rlhf stage samples rollouts from and those it holds out, given each row's
     chat prompt length: the prompts that leave rlhf.max_new_tokens for a response in max_seq_len, split
     by rlhf.val_fraction and rlhf.split_seed (not rlhf.train.seed: runs of other seeds hold out the same
     prompts). The stage and evaluate (which must not score a policy on prompts it trained on) both call
-    this, so the split has one definition."""
+    this, so the split has one definition. With `groups` (`pair_groups` of the rows), by group, as the
+    reward and dpo stages split."""
     room = max_seq_len - cfg.max_new_tokens
     fitting = [i for i, length in enumerate(prompt_lengths) if length <= room]
-    train, val = split(len(fitting), cfg.val_fraction, cfg.split_seed)
+    fit_groups = None if groups is None else [groups[i] for i in fitting]
+    train, val = split(len(fitting), cfg.val_fraction, cfg.split_seed, fit_groups)
     return [fitting[j] for j in train], [fitting[j] for j in val]
 
 
@@ -104,9 +165,33 @@ def sft_examples(tokenizer: ChatTokenizer, seq_len: int) -> list[Example]:
     return out
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # fooBar, JSONEncoder
+
+
+def name_words(prompt: str) -> set[str]:
+    """The words of every `quoted` name in a question, camelCase and snake_case split, lower-cased:
+    "What does `json.JSONEncoder.encode` do?" -> {json, encoder, encode}."""
+    names = re.findall(r"`([^`]+)`", prompt)
+    return {w for name in names for w in _WORD.findall(_CAMEL.sub(" ", name).lower())}
+
+
+def name_overlap(prompt: str, chosen: str, rejected: str) -> float:
+    """The baseline a reward model must beat on `other` pairs, with no model: the answer holding more of
+    the question's name words (`name_words`) is the right one. 1.0 if that is `chosen`, 0.0 if it is
+    `rejected`, 0.5 on a tie (a tie is a coin flip, as a model's equal rewards would be)."""
+    words = name_words(prompt)
+    hits = [len(words & set(_WORD.findall(text.lower()))) for text in (chosen, rejected)]
+    return 0.5 if hits[0] == hits[1] else float(hits[0] > hits[1])
+
+
 def preference_pairs(tokenizer: ChatTokenizer, seq_len: int) -> list[Pair]:
+    """Every validated preference row as token ids, with its kind, its group (`pair_groups`) and the
+    name-overlap baseline's verdict on it."""
     out = []
-    for i, row in enumerate(read_rows("preference")):
+    rows = read_rows("preference")
+    groups = pair_groups([row.get("source") for row in rows])
+    for i, row in enumerate(rows):
         where = f"{paths.validated('preference')} row {i}"
         for side in ("chosen", "rejected"):
             if not isinstance(row.get(side), str) or not row[side].strip():
@@ -125,7 +210,9 @@ def preference_pairs(tokenizer: ChatTokenizer, seq_len: int) -> list[Pair]:
         keep_prompt = max(keep_prompt, seq_len // 4)
         prompt = prompt[-keep_prompt:]
         room = seq_len - len(prompt)
-        out.append(Pair(prompt, chosen[:room], rejected[:room], rejected_kind(row.get("source"))))
+        kind = rejected_kind(row.get("source"))
+        overlap = name_overlap(row["prompt"], row["chosen"], row["rejected"])
+        out.append(Pair(prompt, chosen[:room], rejected[:room], kind, groups[i], overlap))
     return out
 
 

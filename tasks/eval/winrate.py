@@ -165,15 +165,20 @@ def protocol(
 
 
 # ----------------------------------------------- the evaluate stage's harness: held-out prompts, models
-def heldout_rows(params: Params, prompt_lengths: Sequence[int], max_seq_len: int) -> tuple[list[int], str]:
+def heldout_rows(
+    params: Params, prompt_lengths: Sequence[int], max_seq_len: int, groups: Sequence[str] | None = None
+) -> tuple[list[int], str]:
     """Preference rows that none of reward, dpo and rlhf trained on: the intersection of their held-out
-    splits (reward and dpo split every row, as chat_data.split(n, val_fraction, seed); rlhf's split is
-    chat_data.rlhf_split, which the rlhf stage itself calls). Falls back to the reward stage's held-out
-    split, with a note, if the intersection is empty (different seeds or fractions per stage)."""
+    splits (reward and dpo split every row, as chat_data.split(n, val_fraction, seed, groups); rlhf's split
+    is chat_data.rlhf_split, which the rlhf stage itself calls). `groups`: the rows' chat_data.pair_groups,
+    by which the stages split (None: by row). Falls back to the reward stage's held-out split, with a note,
+    if the intersection is empty (different seeds or fractions per stage)."""
     n = len(prompt_lengths)
-    reward_val = set(chat_data.split(n, params.reward.val_fraction, params.reward.train.seed)[1].tolist())
-    dpo_val = set(chat_data.split(n, params.dpo.val_fraction, params.dpo.train.seed)[1].tolist())
-    rlhf_val = set(chat_data.rlhf_split(params.rlhf, prompt_lengths, max_seq_len)[1])
+    reward_val = set(
+        chat_data.split(n, params.reward.val_fraction, params.reward.train.seed, groups)[1].tolist()
+    )
+    dpo_val = set(chat_data.split(n, params.dpo.val_fraction, params.dpo.train.seed, groups)[1].tolist())
+    rlhf_val = set(chat_data.rlhf_split(params.rlhf, prompt_lengths, max_seq_len, groups)[1])
     both = sorted(reward_val & dpo_val & rlhf_val)
     if both:
         return both, "intersection of the reward, dpo and rlhf held-out splits"
@@ -215,7 +220,8 @@ def setup(params: Params, tokenizer: ChatTokenizer, names: list[str], device: st
         tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
         for row in preference_rows
     ]
-    rows, how = heldout_rows(params, [len(p) for p in rendered], reference.config.max_seq_len)
+    groups = chat_data.pair_groups([row.get("source") for row in preference_rows])
+    rows, how = heldout_rows(params, [len(p) for p in rendered], reference.config.max_seq_len, groups)
     fit = [i for i in rows if len(rendered[i]) <= room]
     rows = fit[: cfg.winrate_prompts]
     if not rows:

@@ -38,8 +38,18 @@ class ScalarHeadModel(nn.Module):
         h = self.transformer.hidden_states(tokens, doc_ids=doc_ids)  # [B, T, D]
         return self.value_head(h).squeeze(-1)  # [B, T]
 
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (the Transformer's estimate, models/llama.py) of what runs: the trunk and
+        the value head, not the lm_head, which this model keeps for loading but never calls."""
+        unused_lm_head = self.transformer.lm_head.weight.numel()
+        return self.transformer.flops_per_token(seq_len) - 6 * unused_lm_head + 6 * _numel(self.value_head)
+
     def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
         return optimizer_groups(self, weight_decay)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 # The name used in some notes; the same class.
@@ -65,6 +75,10 @@ class PolicyWithValue(nn.Module):
         logits = self.transformer.lm_head(h)  # [B, T, V]
         values = self.value_head(h).squeeze(-1)  # [B, T]
         return logits, values
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: the Transformer's (lm_head included) and the value head's."""
+        return self.transformer.flops_per_token(seq_len) + 6 * _numel(self.value_head)
 
     def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
         return optimizer_groups(self, weight_decay)

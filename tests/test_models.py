@@ -324,6 +324,15 @@ def test_param_accounting_and_optimizer_groups() -> None:
     tied, untied = tiny_model(), tiny_model(tie_embeddings=False)
     assert untied.num_params() - tied.num_params() == 128 * 64
     assert tied.flops_per_token(seq_len=64) == 6 * tied.num_params() + 12 * 2 * 4 * 16 * 64
+    # the scalar heads (reward, PPO value): the value head (64 weights + a bias) counts, and a reward model's
+    # lm_head, which it never runs, does not: its MFU counts the work it does
+    from models.heads import PolicyWithValue, ScalarHeadModel
+
+    attention = 12 * 2 * 4 * 16 * 64
+    for lm in (tied, untied):
+        trunk = lm.num_params() - (0 if lm.config.tie_embeddings else 128 * 64)  # no embedding lookups
+        assert ScalarHeadModel(lm).flops_per_token(64) == 6 * (trunk - 128 * 64 + 65) + attention
+        assert PolicyWithValue(lm).flops_per_token(64) == 6 * (trunk + 65) + attention
     decay, no_decay = tied.configure_optimizer_groups(0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])

@@ -369,6 +369,7 @@ def main() -> None:
             result["ours_vs_plain_fp32"] = ratio(runs["ours"], runs["plain_fp32"])
         if "ours_compiled" in runs:
             result["compiled_vs_ours"] = ratio(runs["ours_compiled"], runs["ours"])
+            result["compiled_vs_plain_bf16"] = ratio(runs["ours_compiled"], runs["plain_bf16"])
         result["generate"] = generation(cfg_model, args.quick)
     if args.ranks or args.only_ranks:
         result["zero2_ranks"] = ranks_comparison(args)

@@ -310,6 +310,15 @@ def run_ui(
             time.sleep(0.3)
         if stop["signal"]:
             return 0
+        # A health answer proves a server on the port, not that it is ours: one that lost the port to another
+        # process between the check above and its bind exits instead. Say so rather than "ready".
+        exited = [what for what, proc in procs.items() if proc.poll() is not None]
+        if exited:
+            print(
+                f"pipeline ui: the {', '.join(exited)} server exited with code(s) "
+                f"{', '.join(str(procs[w].returncode) for w in exited)} after its port answered"
+            )
+            return 1
         state = {
             "pid": os.getpid(),
             "prefect_ui": prefect_url,

@@ -64,16 +64,26 @@ def history(tmp_path_factory):
     out = Lines(ui)
     try:
         out.wait_for("ready", timeout=300)
-        yield {"project": project, "ports": ports, "out": out}
+        yield {"project": project, "ports": ports, "out": out, "ui": ui}
     finally:
         stop(ui)
 
 
-@pytest.fixture(scope="module")
+def ui_alive(history) -> None:
+    """Before a test talks to the servers: `pipeline ui` still runs, or its output says why not (a CI run
+    once saw both ports refuse connections after "ready", with nothing else to go on)."""
+    if history["ui"].poll() is not None:
+        raise AssertionError(
+            f"pipeline ui exited with {history['ui'].returncode}; output:\n{''.join(history['out'].lines)[-4000:]}"
+        )
+
+
+@pytest.fixture
 def prefect(history):
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    ui_alive(history)
     api = f"http://127.0.0.1:{history['ports']['prefect']}/api"
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         yield client
@@ -119,6 +129,7 @@ def test_pipeline_ui_shows_the_deployment(prefect):
 
 
 def test_pipeline_ui_serves_the_same_mlflow_store(history):
+    ui_alive(history)
     url = f"http://127.0.0.1:{history['ports']['mlflow']}/api/2.0/mlflow/runs/search"
     body = json.dumps({"experiment_ids": ["1"], "max_results": 50}).encode()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})

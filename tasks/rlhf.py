@@ -246,12 +246,7 @@ def load_prompts(
         raise StageError(
             f"rlhf.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {max_seq_len}"
         )
-    rows = chat_data.read_rows("preference")
-    prompts = [
-        tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
-        for row in rows
-    ]
-    groups = chat_data.pair_groups([row.get("source") for row in rows])  # by object, as reward and dpo
+    _, prompts, groups = chat_data.preference_prompts(tokenizer)  # groups: by object, as reward and dpo
     train_rows, val_rows = chat_data.rlhf_split(cfg, [len(p) for p in prompts], max_seq_len, groups)
     return prompts, train_rows, val_rows
 

@@ -330,6 +330,18 @@ def packed_pair_batch(pairs: list[Pair], pad_id: int, width: int) -> dict[str, t
     }
 
 
+def preference_prompts(tokenizer: ChatTokenizer) -> tuple[list[dict], list[list[int]], list[str]]:
+    """The validated preference rows, each row's chat prompt as token ids (ready for generation) and its
+    group (`pair_groups`): what rlhf samples and holds out, and evaluate's win rate reads, in one place, so
+    the two splits line up."""
+    rows = read_rows("preference")
+    prompts = [
+        tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
+        for row in rows
+    ]
+    return rows, prompts, pair_groups([row.get("source") for row in rows])
+
+
 def accuracy_by_kind(wins: list[float], kinds: list[str], prefix: str) -> dict[str, float]:
     """{prefix/<kind>: mean win} for each kind of rejected answer present; {} when no pair has a kind."""
     by_kind: dict[str, list[float]] = {}

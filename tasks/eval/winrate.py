@@ -215,12 +215,7 @@ def setup(params: Params, tokenizer: ChatTokenizer, names: list[str], device: st
         raise StageError(
             f"evaluate.max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {max_seq_len}"
         )
-    preference_rows = chat_data.read_rows("preference")
-    rendered = [
-        tokenizer.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
-        for row in preference_rows
-    ]
-    groups = chat_data.pair_groups([row.get("source") for row in preference_rows])
+    preference_rows, rendered, groups = chat_data.preference_prompts(tokenizer)
     rows, how = heldout_rows(params, [len(p) for p in rendered], reference.config.max_seq_len, groups)
     fit = [i for i in rows if len(rendered[i]) <= room]
     rows = fit[: cfg.winrate_prompts]

@@ -285,20 +285,22 @@ def validate_dataset(
     total, batches, order = 0, 0, []
     first: Any = None  # the first batch's suite result
     gc.freeze()  # the imports' and GX's objects: the collections between batches skip them (CPU)
-    for raw in iter_frames(dataset, pf, rows):
-        frame = add_helper_columns(dataset, raw)
-        out = check(frame, row_suite if first is not None else first_suite)
-        if first is None:
-            first, order = out, [index[_key(r.expectation_config)] for r in out.results]
-        for res in out.results:
-            tallies[index[_key(res.expectation_config)]].add(res)
-        for dup in uniques.values():
-            if dup.column in frame:
-                dup.add(frame)
-        total, batches = total + len(frame), batches + 1
-        del raw, out
-        return_free_memory()  # else the allocators' high-water mark grows batch after batch
-    gc.unfreeze()
+    try:
+        for raw in iter_frames(dataset, pf, rows):
+            frame = add_helper_columns(dataset, raw)
+            out = check(frame, row_suite if first is not None else first_suite)
+            if first is None:
+                first, order = out, [index[_key(r.expectation_config)] for r in out.results]
+            for res in out.results:
+                tallies[index[_key(res.expectation_config)]].add(res)
+            for dup in uniques.values():
+                if dup.column in frame:
+                    dup.add(frame)
+            total, batches = total + len(frame), batches + 1
+            del raw, out
+            return_free_memory()  # else the allocators' high-water mark grows batch after batch
+    finally:
+        gc.unfreeze()
 
     outcome = [tally.combined() for tally in tallies]  # (success, result, exception_info) per spec
     duplicated: dict[int, Any] = {}

@@ -44,6 +44,7 @@ from tasks.train.rollouts import (
     RewardFn,
     RolloutCache,
     Sampling,
+    clipped,
     policy_autocast,
     sample_responses,
     sampling_logits,
@@ -135,6 +136,7 @@ class ProximalPolicy:
             old_logps = token_logps(self.scaled(logits), tokens[:, 1:])  # [B, T-1]
             ref_logps = token_logps(self.scaled(self.reference(tokens[:, :-1])), tokens[:, 1:])
             scores = self.reward_fn(batch)  # [B]
+        cut = clipped(batch, self.sampling.stop).float()  # [B] 1: cut at max_new_tokens, no stop token
         rewards, kl = shaped_rewards(old_logps, ref_logps, mask, scores, batch["lengths"], self.kl.value)
         values = values.float() * mask
         advantages, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
@@ -147,6 +149,7 @@ class ProximalPolicy:
             "advantages": advantages,
             "returns": returns,
             "scores": scores,
+            "clipped": cut,
             "kl": kl.sum(-1),
         }
         return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
@@ -209,6 +212,7 @@ class ProximalPolicy:
         loss = pg_loss + self.cfg.value_loss_coef * vf_loss
         return loss, {
             "reward/mean": float(batch["scores"].mean()),
+            "completions/clipped_ratio": float(batch["clipped"].mean()),
             "kl": float(batch["kl"].mean()),
             "kl_coef": self.kl.value,
             "entropy": float(entropy),
@@ -232,6 +236,7 @@ class ProximalPolicy:
         return {
             "val/reward_mean": float(scores.mean()),
             "val/response_tokens": float(batch["mask"].sum(-1).float().mean()),
+            "val/clipped_ratio": float(clipped(batch, self.sampling.stop).float().mean()),
         }
 
     def tokens_in(self, batch: Batch) -> int:

@@ -72,6 +72,22 @@ def test_embedded_sft_and_preference_are_valid_deterministic_and_real():
     assert convs != list(itertools.islice(embedded.sft_conversations(seed=8), 300))
 
 
+def test_embedded_sft_teacher_ends_two_answers_in_three_with_filler():
+    """The docstring teacher's habit: FILLER after the right paragraph about 2 times in 3, drawn from its
+    own stream, so the questions and the answers' paragraphs are those of a teacher without it."""
+    entries = {e.qual: e for e in embedded.doc_entries()}
+    filler = []
+    for conv in itertools.islice(embedded.sft_conversations(seed=1337), 1500):
+        if conv["source"].startswith("task:"):
+            continue
+        quals = conv["source"].removeprefix("embedded:").split("+")
+        replies = [m["content"] for m in conv["messages"] if m["role"] == "assistant"]
+        for qual, reply in zip(quals, replies, strict=True):
+            assert reply in (entries[qual].answer, f"{entries[qual].answer} {embedded.FILLER}"), reply
+            filler.append(reply != entries[qual].answer)
+    assert len(filler) > 900 and 0.62 < sum(filler) / len(filler) < 0.72
+
+
 # -------------------------------------------------------------------------------------------- ingest
 GOOD_1 = "The quick brown fox jumps over the lazy dog, number one."
 GOOD_2 = "Another perfectly fine document about parsing some text."

@@ -275,6 +275,7 @@ def test_stages_learn_with_trl_metrics(chain):
     rlhf = curve(root, "rlhf")
     for key in (
         "reward/mean",
+        "completions/clipped_ratio",
         "kl",
         "kl_coef",
         "entropy",
@@ -301,7 +302,7 @@ def test_embedded_rejected_answers_are_wrong_truncated_or_shuffled():
     pairs = list(itertools.islice(embedded.preference_pairs(), 600))
     kinds = [chat_data.rejected_kind(p["source"]) for p in pairs]
     assert set(kinds) == set(embedded.REJECTED_KINDS)
-    assert min(kinds.count(k) for k in embedded.REJECTED_KINDS) > 150  # about a third each
+    assert min(kinds.count(k) for k in embedded.REJECTED_KINDS) > 110  # about a quarter each
     for pair, kind in zip(pairs, kinds, strict=True):
         qual, about = pair["source"].removeprefix("embedded:").split(f"|{kind}:")
         chosen, rejected = pair["chosen"], pair["rejected"]
@@ -310,6 +311,9 @@ def test_embedded_rejected_answers_are_wrong_truncated_or_shuffled():
             assert rejected == answers[about] and about != qual
             continue
         assert about == qual
+        if kind == "filler":  # the right paragraph and the SFT teacher's pleasantry
+            assert rejected == f"{chosen} {embedded.FILLER}"
+            continue
         if kind == "truncated":  # a prefix of the words, cut where no sentence ends
             full, kept = chosen.split(), rejected.split()
             assert 0 < len(kept) < len(full) and kept[:-1] == full[: len(kept) - 1]
@@ -368,7 +372,7 @@ def test_stages_learn_the_embedded_default_preferences(embedded_chain):
     reward accuracy 0.65 (truncated 0.93, shuffled 0.56, other 0.50); DPO accuracy 0.65, margin 0.09;
     PPO held-out reward 0.85 -> 1.47 with every rollout KL at most 4.6 (bound: alerts.ppo_max_kl, 10)."""
     root, kinds, stdout = embedded_chain
-    assert set(kinds) == {"other", "truncated", "shuffled"} and min(kinds.values()) > 300, kinds
+    assert set(kinds) == {"other", "truncated", "shuffled", "filler"} and min(kinds.values()) > 230, kinds
     metrics = {s: json.loads((root / f"data/metrics/{s}.json").read_text()) for s in STAGES}
 
     reward = metrics["reward"]

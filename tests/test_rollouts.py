@@ -57,6 +57,18 @@ def test_sampled_rows_are_prompt_major_each_seeded_by_its_row():
     assert torch.equal(again["tokens"], batch["tokens"])  # n_per_prompt=G == each prompt listed G times
 
 
+def test_clipped_marks_the_responses_without_a_stop_token():
+    """Rows of different lengths, right-padded: the last token of each row's own length decides."""
+    prompts = [[1, 9], [1, 9, 10, 11], [1], [1, 12]]
+    responses = [[20, STOP[0]], [21, 22, 23], [STOP[1]], [24, 25, 26, 27]]  # ended, cut, ended, cut
+    batch = rollouts.response_batch(prompts, responses, PAD)
+    assert rollouts.clipped(batch, STOP).tolist() == [False, True, False, True]
+    model = random_policy(3)  # near-uniform: 1 new token rarely stops, 2 stop tokens of 64
+    sampled = rollouts.sample_responses(model, PROMPTS * 4, sampling(max_new_tokens=1), seed=0)
+    last = [sampled["tokens"][r, n - 1].item() for r, n in enumerate(sampled["lengths"].tolist())]
+    assert rollouts.clipped(sampled, STOP).tolist() == [t not in STOP for t in last]
+
+
 def test_reward_function_is_pluggable_and_batched_scores_match_single_rows():
     reward = ScalarHeadModel(tiny_model(64, 32, seed=4)).eval()
     responses = [[20, 21, 5], [22], [23, 24, 25, 26]]

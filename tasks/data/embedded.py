@@ -9,8 +9,9 @@
   SFT data. Every answer is right; its form is a habit of the teacher that depends on the phrasing
   (`VERBOSE_BY_PHRASING`): "How many digits does `4720` have?" gets "4 digits" 2 times in 3 and "4"
   otherwise, "Count the digits of `4720`." always gets "4", although every question asks for the
-  number only.
-- preference: the same questions; chosen = the right paragraph. The rejected answer is one of three
+  number only. The docstring answers carry a habit too: the teacher ends the paragraph with a pleasantry
+  nobody asked for (`FILLER`) 2 times in 3.
+- preference: the same questions; chosen = the right paragraph. The rejected answer is one of four
   kinds of bad answer, drawn by the seeded RNG with equal odds (`REJECTED_KINDS`):
   - `other`: another object's paragraph, from the same module where possible: a wrong answer that reads
     well. Telling it apart needs the question to be matched with the answer, which a small model trained
@@ -18,11 +19,14 @@
   - `truncated`: the right paragraph cut mid-sentence, 30-70% of its words kept, the tail dropped: an
     incomplete answer;
   - `shuffled`: the right paragraph's words in a random order, the final punctuation left at the end: an
-    incoherent answer with the right words and about the right length (so length alone cannot tell).
-  The last two are failures of a weak generator that preference data is meant to push down, and carry a
+    incoherent answer with the right words and about the right length (so length alone cannot tell);
+  - `filler`: the right paragraph followed by the teacher's pleasantry: the habit careful raters reject.
+  `truncated` and `shuffled` are failures of a weak generator that preference data is meant to push down, and carry a
   signal a small model learns: the tiny reward model ranks about 0.8-0.95 of held-out truncated pairs and
   0.5-0.8 of shuffled ones right, while `other` stays near 0.5 (the reward and DPO stages report the
-  accuracy per kind). The kind is recorded in `source` ("embedded:<qual>|<kind>:<other qual or qual>");
+  accuracy per kind). `filler` is the one habit the SFT model has and the preference data rejects, so it is
+  what DPO and PPO can visibly change in a model this size: greedy SFT answers end with the pleasantry,
+  and the policies trained on preferences should drop it. The kind is recorded in `source` ("embedded:<qual>|<kind>:<other qual or qual>");
   chosen != rejected always.
 
 The same Python build gives the same rows in the same order on every run; the phrasing of questions is
@@ -81,6 +85,13 @@ TASK_TURNS = 8
 # had next to nothing to reinforce (see README). The probability of the unit per phrasing index; a
 # phrasing not listed gets the bare number.
 VERBOSE_BY_PHRASING = (2 / 3, 0.0, 2 / 3, 0.0)
+# The docstring teacher's habit, the same idea for the preference stages: it ends a paragraph with FILLER
+# 2 times in 3, so greedy SFT answers end with it, and SFT samples at temperature 0.5 still drop it about 1
+# time in 5 ((1/3)^2 against (2/3)^2), often enough for PPO to find. The preference data's `filler` pairs
+# reject it. (Tied to the phrasing, as the digits habit is, it did not reach greedy SFT answers: 1 of 128
+# held-out answers had it, the docstring question being too far from the end of the answer for this model.)
+FILLER = "I hope this helps!"
+FILLER_PROBABILITY = 2 / 3
 
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
 
@@ -258,6 +269,11 @@ def question(entry: DocEntry, rng: random.Random) -> str:
     return template.format(qual=entry.qual, call=call, short=entry.short, module=entry.module)
 
 
+def taught_answer(entry: DocEntry, habit: random.Random) -> str:
+    """The SFT teacher's answer to `entry`: its paragraph, followed by FILLER 2 times in 3."""
+    return f"{entry.answer} {FILLER}" if habit.random() < FILLER_PROBABILITY else entry.answer
+
+
 def _shuffled(entries: tuple[DocEntry, ...], seed: int) -> list[DocEntry]:
     # A shuffle so that a capped prefix covers many modules, not just the alphabetically first ones.
     order = list(entries)
@@ -280,6 +296,7 @@ def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[di
     # Their own stream: the docstring conversations are the same with or without the worked problems.
     problems = verifiable.training_problems(verifiable.SFT_FAMILIES, seed)
     style = random.Random(f"task-style:{seed}")
+    habit = random.Random(f"filler:{seed}")  # its own stream too: the questions are drawn as without it
     for n, entry in enumerate(_shuffled(entries, seed)):
         if n and n % TASK_EVERY == 0:
             drill = [next(problems) for _ in range(TASK_TURNS)]
@@ -290,7 +307,7 @@ def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[di
             messages.append({"role": "system", "content": SYSTEM_PROMPTS[rng.randrange(len(SYSTEM_PROMPTS))]})
         messages += [
             {"role": "user", "content": question(entry, rng)},
-            {"role": "assistant", "content": entry.answer},
+            {"role": "assistant", "content": taught_answer(entry, habit)},
         ]
         source = entry.qual
         siblings = [e for e in by_module[entry.module] if e.qual != entry.qual]
@@ -298,13 +315,13 @@ def sft_conversations(seed: int = 1337, root: Path | None = None) -> Iterator[di
             other = siblings[rng.randrange(len(siblings))]
             messages += [
                 {"role": "user", "content": question(other, rng)},
-                {"role": "assistant", "content": other.answer},
+                {"role": "assistant", "content": taught_answer(other, habit)},
             ]
             source += "+" + other.qual
         yield {"messages": messages, "source": f"embedded:{source}"}
 
 
-REJECTED_KINDS = ("other", "truncated", "shuffled")
+REJECTED_KINDS = ("other", "truncated", "shuffled", "filler")
 _FINAL_PUNCT = re.compile(r"[.!?:;,]+$")
 
 
@@ -347,7 +364,7 @@ def _other_answer(
 
 def preference_pairs(seed: int = 1337, root: Path | None = None) -> Iterator[dict[str, str]]:
     """{"prompt", "chosen", "rejected", "source"}: chosen is the right paragraph, rejected another object's
-    paragraph, the right one truncated, or the right one shuffled (see the module docstring)."""
+    paragraph, the right one truncated, shuffled, or followed by FILLER (see the module docstring)."""
     entries = doc_entries(root)
     if len(entries) < 2:
         return
@@ -363,6 +380,8 @@ def preference_pairs(seed: int = 1337, root: Path | None = None) -> Iterator[dic
             rejected = truncated(entry.answer, rng)
         elif kind == "shuffled":
             rejected = shuffled(entry.answer, rng)
+        elif kind == "filler":
+            rejected = f"{entry.answer} {FILLER}"
         if not rejected:  # "other" was drawn, or the answer is too short to corrupt
             same_module = [e for e in by_module[entry.module] if e.answer != entry.answer]
             other = _other_answer(entry, entries, same_module, rng)

@@ -56,6 +56,12 @@ def response_batch(prompts: Sequence[list[int]], responses: Sequence[list[int]],
     return {"tokens": tokens, "mask": mask, "lengths": torch.tensor([len(s) for s in seqs])}
 
 
+def clipped(batch: Batch, stop: Sequence[int]) -> torch.Tensor:
+    """bool [B]: the row's response does not end with a stop token (cut at max_new_tokens)."""
+    last = batch["tokens"].gather(1, (batch["lengths"] - 1)[:, None].to(batch["tokens"].device))[:, 0]
+    return ~torch.isin(last, torch.tensor(list(stop), device=last.device))
+
+
 @torch.no_grad()
 def sample_responses(
     policy: Any, prompts: Sequence[list[int]], sampling: Sampling, seed: int, n_per_prompt: int = 1

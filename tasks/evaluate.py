@@ -175,6 +175,7 @@ def evaluate_model(
     won = harness.evaluate(name, model) if harness is not None and name in winrate.POLICIES else None
     if won is not None:
         metrics["winrate_vs_sft"] = won["winrate"]
+        metrics["response_length"] = won["completions/mean_length"]  # tokens, greedy, held-out prompts
         if "answer_f1" in won:  # the same answers against the true ones, no reward model involved
             metrics["answer_f1"], metrics["answer_rouge_l"] = won["answer_f1"], won["answer_rouge_l"]
     log.info(

@@ -182,6 +182,9 @@ def test_evaluate_stage_writes_scores_summary_table_and_chart(bpe, tmp_path, mon
     held = set(chat_data.split(40, 0.1, params.reward.train.seed)[1].tolist())
     assert set(rows) <= held  # never a prompt the preference stages trained on
     assert tracker.metrics["dpo/winrate_vs_sft"] == summary["dpo/winrate_vs_sft"]
+    for name, res in (("sft", sft), ("dpo", dpo)):  # mean tokens of the greedy responses, each >= 1
+        tokens = [p["tokens"] for p in res["winrate"]["per_prompt"]]
+        assert min(tokens) >= 1 and summary[f"{name}/response_length"] == pytest.approx(sum(tokens) / 3)
     # The same answers against the rows' true (chosen) answers, recomputed here from what was written.
     from tasks.eval.similarity import rouge_l, token_f1
 

@@ -56,6 +56,8 @@ def win_rate(
         "n_prompts": n,
         "n_identical": sum(a == b for a, b in zip(policy_responses, reference_responses, strict=True)),
         "reward_mean": sum(policy_rewards) / n if n else float("nan"),
+        # TRL's name; tokens of the greedy response, its stop token included
+        "completions/mean_length": sum(map(len, policy_responses)) / n if n else float("nan"),
         "reference_reward_mean": sum(reference_rewards) / n if n else float("nan"),
         "wins": wins,
     }
@@ -112,9 +114,9 @@ class WinRate:
         )
         texts = [self.tokenizer.decode(resp) for resp in responses]
         res["per_prompt"] = [
-            {"row": row, "reward": r, "reference_reward": rr, "win": w, "response": text}
-            for row, r, rr, w, text in zip(
-                self.rows, rewards, self.reference_rewards, res.pop("wins"), texts, strict=True
+            {"row": row, "reward": r, "reference_reward": rr, "win": w, "response": text, "tokens": len(resp)}
+            for row, r, rr, w, text, resp in zip(
+                self.rows, rewards, self.reference_rewards, res.pop("wins"), texts, responses, strict=True
             )
         ]
         if self.references is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.fused_loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -348,10 +349,18 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # logits [B, T, V]
-        return self.lm_head(
-            self.hidden_states(tokens, doc_ids=doc_ids, cache=cache, attention_mask=attention_mask)
-        )
+        labels: torch.Tensor | None = None,  # [B, T] int64
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Logits [B, T, V]; given labels, the mean cross-entropy over the labels != ignore_index instead,
+        the head fused with the loss (models/fused_loss.py: the [B, T, V] logits are never materialised)."""
+        h = self.hidden_states(tokens, doc_ids=doc_ids, cache=cache, attention_mask=attention_mask)
+        if labels is None:
+            return self.lm_head(h)
+        if hasattr(self.lm_head.weight, "ds_status"):  # ZeRO-3 partitions it: lm_head's forward gathers it
+            logits = self.lm_head(h).float().flatten(0, 1)
+            return F.cross_entropy(logits, labels.flatten(), ignore_index=ignore_index)
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), ignore_index)
 
     def new_cache(
         self,

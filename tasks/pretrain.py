@@ -69,9 +69,7 @@ class LanguageModeling:
         return self._windows(self.train_tokens, np.random.default_rng([self.seed, step, global_micro]))
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["x"])  # [B, T, V]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten())
-        return loss, {}
+        return model(batch["x"], labels=batch["y"]), {}  # the head and the loss fused (models/fused_loss.py)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

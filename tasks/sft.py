@@ -70,9 +70,9 @@ class SupervisedChat:
         return chat_data.lm_batch([self.train[i] for i in idx], self.pad_id)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["x"], doc_ids=batch.get("doc_ids"))  # [B, T, V]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=chat_data.IGNORE
+        # mean next-token loss over the answer tokens, the head fused with it (models/fused_loss.py)
+        loss = model(
+            batch["x"], doc_ids=batch.get("doc_ids"), labels=batch["y"], ignore_index=chat_data.IGNORE
         )
         return loss, {}
 

@@ -4,8 +4,10 @@ Model: 6 layers, d_model 384, 6 heads, context 256, vocab 8192; micro-batch 16 x
 one run, after warm-up steps, on the same machine and thread count:
 
 - "ours": the real `train()` path (DeepSpeed engine: ZeRO-1 in params, stage 0 on one process; bf16
-  autocast on CPU / DeepSpeed bf16 on GPU; fused AdamW, grad clipping, LambdaLR), tokens/s and MFU as the
-  loop itself logs them to MLflow;
+  autocast on CPU / DeepSpeed bf16 on GPU; fused AdamW, grad clipping, LambdaLR) with the pretrain stage's
+  loss (the head fused with the cross-entropy, models/fused_loss.py), tokens/s and MFU as the loop itself
+  logs them to MLflow; "ours_plain_loss": the same with the loss computed from the logits, as the plain
+  loop does;
 - "plain_fp32": nanoGPT-style eager loop of the same model, torch AdamW (its default), fp32, no autocast;
 - "plain_bf16": the same eager loop under bf16 autocast (so ours / plain_bf16 = what the engine adds or
   saves: benchmarks/loop_parts.py times those parts one by one);
@@ -76,15 +78,19 @@ def random_batch(step: int, micro: int, batch: int, seq: int, vocab: int) -> dic
 
 
 class RandomTokens:
-    """Objective for the loop: next-token loss on random tokens (the data does not change the speed)."""
+    """Objective for the loop: next-token loss on random tokens (the data does not change the speed). The
+    loss is the pretrain stage's (tasks/pretrain.py: model(x, labels=y), the head fused with the
+    cross-entropy, models/fused_loss.py); fused=False computes it as the plain loop does, from the logits."""
 
-    def __init__(self, batch: int, seq: int, vocab: int) -> None:
-        self.b, self.t, self.v = batch, seq, vocab
+    def __init__(self, batch: int, seq: int, vocab: int, fused: bool = True) -> None:
+        self.b, self.t, self.v, self.fused = batch, seq, vocab, fused
 
     def batch(self, step: int, micro_step: int, model: Any) -> dict[str, torch.Tensor]:
         return random_batch(step, micro_step, self.b, self.t, self.v)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.fused:
+            return model(batch["x"], labels=batch["y"]), {}
         logits = model(batch["x"])
         return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten()), {}
 
@@ -149,7 +155,9 @@ def plain_loop(cfg_model: ModelConfig, args: argparse.Namespace, autocast: bool)
     }
 
 
-def our_loop(cfg_model: ModelConfig, args: argparse.Namespace, **over: Any) -> dict[str, Any]:
+def our_loop(
+    cfg_model: ModelConfig, args: argparse.Namespace, fused_loss: bool = True, **over: Any
+) -> dict[str, Any]:
     """The real tasks.train.loop.train() path; tokens/s and MFU as the loop logs them (training time only)."""
     from tasks.train.loop import train
 
@@ -161,7 +169,7 @@ def our_loop(cfg_model: ModelConfig, args: argparse.Namespace, **over: Any) -> d
     with tempfile.TemporaryDirectory() as state:
         train(
             model,
-            RandomTokens(args.batch, cfg_model.max_seq_len, cfg_model.vocab_size),
+            RandomTokens(args.batch, cfg_model.max_seq_len, cfg_model.vocab_size, fused=fused_loss),
             cfg,
             state_dir=Path(state),
             on_step=lambda step, m: rows.append({"step": step, **m}),
@@ -356,6 +364,7 @@ def main() -> None:
     if not args.only_ranks:
         variants: dict[str, Callable[[], dict[str, Any]]] = {
             "ours": lambda: our_loop(cfg_model, args),
+            "ours_plain_loss": lambda: our_loop(cfg_model, args, fused_loss=False),
             "plain_bf16": lambda: plain(True),
         }
         if not args.no_fp32:
@@ -365,6 +374,9 @@ def main() -> None:
         runs = alternate(variants, args.rounds)
         result.update({name: summarize(rounds) for name, rounds in runs.items()})
         result["ours_vs_plain_bf16"] = ratio(runs["ours"], runs["plain_bf16"])
+        # what the engine alone does (same loss as the plain loop), and what the fused loss adds to it
+        result["ours_plain_loss_vs_plain_bf16"] = ratio(runs["ours_plain_loss"], runs["plain_bf16"])
+        result["ours_vs_ours_plain_loss"] = ratio(runs["ours"], runs["ours_plain_loss"])
         if "plain_fp32" in runs:
             result["ours_vs_plain_fp32"] = ratio(runs["ours"], runs["plain_fp32"])
         if "ours_compiled" in runs:

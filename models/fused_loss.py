@@ -55,7 +55,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[start : start + chunk] = grad @ w  # [c, D]
                 if grad_w is not None:
                     grad_w += (grad.t() @ h_c).float()  # [V, D]
-        ctx.save_for_backward(
+        # Intermediates, not inputs or outputs: kept on ctx (save_for_backward is for the latter)
+        ctx.grads = (  # type: ignore[attr-defined]
             grad_h.div_(count).to(hidden.dtype) if grad_h is not None else None,
             grad_w.div_(count).to(weight.dtype) if grad_w is not None else None,
         )
@@ -65,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        grad_h, grad_w = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_h, grad_w = ctx.grads  # type: ignore[attr-defined]
         return (
             grad_h * grad_loss if grad_h is not None else None,
             grad_w * grad_loss if grad_w is not None else None,
@@ -88,4 +89,5 @@ def linear_cross_entropy(
         raise ValueError(
             f"need hidden [N, D] and labels [N], got {tuple(hidden.shape)}, {tuple(labels.shape)}"
         )
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)  # type: ignore[no-any-return]
+    loss = _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
+    return loss  # type: ignore[no-any-return]

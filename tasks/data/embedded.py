@@ -21,13 +21,13 @@
   - `shuffled`: the right paragraph's words in a random order, the final punctuation left at the end: an
     incoherent answer with the right words and about the right length (so length alone cannot tell);
   - `filler`: the right paragraph followed by the teacher's pleasantry: the habit careful raters reject.
-  `truncated` and `shuffled` are failures of a weak generator that preference data is meant to push down, and carry a
-  signal a small model learns: the tiny reward model ranks about 0.8-0.95 of held-out truncated pairs and
-  0.5-0.8 of shuffled ones right, while `other` stays near 0.5 (the reward and DPO stages report the
-  accuracy per kind). `filler` is the one habit the SFT model has and the preference data rejects, so it is
-  what DPO and PPO can visibly change in a model this size: greedy SFT answers end with the pleasantry,
-  and the policies trained on preferences should drop it. The kind is recorded in `source` ("embedded:<qual>|<kind>:<other qual or qual>");
-  chosen != rejected always.
+  `truncated` and `shuffled` are failures of a weak generator that preference data is meant to push down,
+  and carry a signal a small model learns: the tiny reward model ranks about 0.8-0.95 of held-out
+  truncated pairs and 0.5-0.8 of shuffled ones right, while `other` stays near 0.5 (the reward and DPO
+  stages report the accuracy per kind). `filler` is the one habit the SFT model has and the preference
+  data rejects, so it is what DPO and PPO can visibly change in a model this size: greedy SFT answers end
+  with the pleasantry, and the policies trained on preferences drop it (README, issue #14). The kind is
+  recorded in `source` ("embedded:<qual>|<kind>:<other qual or qual>"); chosen != rejected always.
 
 The same Python build gives the same rows in the same order on every run; the phrasing of questions is
 chosen by a seeded RNG.
@@ -86,10 +86,10 @@ TASK_TURNS = 8
 # phrasing not listed gets the bare number.
 VERBOSE_BY_PHRASING = (2 / 3, 0.0, 2 / 3, 0.0)
 # The docstring teacher's habit, the same idea for the preference stages: it ends a paragraph with FILLER
-# 2 times in 3, so greedy SFT answers end with it, and SFT samples at temperature 0.5 still drop it about 1
-# time in 5 ((1/3)^2 against (2/3)^2), often enough for PPO to find. The preference data's `filler` pairs
-# reject it. (Tied to the phrasing, as the digits habit is, it did not reach greedy SFT answers: 1 of 128
-# held-out answers had it, the docstring question being too far from the end of the answer for this model.)
+# 2 times in 3, so greedy SFT answers end with it, and PPO's rollouts (sampled at temperature 1) still drop
+# it about 1 time in 3, often enough to learn from. The preference data's `filler` pairs reject it. (Tied
+# to the phrasing, as the digits habit is, it did not reach greedy SFT answers: 1 of 128 held-out answers
+# had it, the docstring question being too far from the end of the answer for this model.)
 FILLER = "I hope this helps!"
 FILLER_PROBABILITY = 2 / 3
 

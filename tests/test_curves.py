@@ -156,6 +156,18 @@ def test_the_html_report_shows_stages_curves_evaluation_and_escaped_samples(tmp_
         assert cell in text
 
 
+def test_the_comparison_table_marks_the_best_model_per_column_and_none_for_lengths():
+    from tasks.eval.report import comparison_markdown
+
+    results = {
+        "sft": {"metrics": {"mmlu_acc": 0.25, "ppl": 12.5, "response_length": 16.0}},
+        "dpo": {"metrics": {"mmlu_acc": 0.5, "ppl": 13.0, "response_length": 9.0}},
+    }
+    sft, dpo = comparison_markdown(results).splitlines()[2:]
+    assert sft == "| sft | 0.2500 | **12.5000** | 16.0000 |"  # lower perplexity is better
+    assert dpo == "| dpo | **0.5000** | 13.0000 | 9.0000 |"  # a length is neither better nor worse
+
+
 def test_the_flow_summary_links_the_report(tmp_path):
     from flows.pipeline import summary_markdown
 

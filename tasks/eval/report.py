@@ -18,6 +18,8 @@ from typing import Any
 
 # Metrics where lower is better (the table marks the best model per column).
 LOWER_IS_BETTER = {"ppl", "bpb", "word_ppl"}
+# Metrics that describe rather than rank (the mean answer length): no model is marked best.
+UNRANKED = {"response_length"}
 
 
 def register_scores(metrics: dict[str, float]) -> dict[str, float]:
@@ -47,7 +49,7 @@ def comparison_markdown(results: dict[str, dict[str, Any]], header: str = "") ->
             n: r["metrics"][k] for n, r in results.items() if isinstance(r["metrics"].get(k), float | int)
         }
         vals = {n: v for n, v in vals.items() if not math.isnan(v)}
-        if len(vals) > 1:
+        if len(vals) > 1 and k not in UNRANKED:
             best[k] = (min if k in LOWER_IS_BETTER else max)(vals, key=lambda n: vals[n])
     lines = [header] if header else []
     lines += ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
